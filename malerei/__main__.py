@@ -1,0 +1,5 @@
+import sys
+
+from malerei.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""The ``malerei`` command. Each subcommand lives in ``malerei/commands/<name>.py`` with
+``register(subparsers)`` (adds its parser, sets ``func``) so this file only lists them.
+
+Heavy libraries are imported by the commands when they run, never here, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Module names under malerei.commands, in the order `malerei --help` lists them.
+COMMAND_MODULES = [
+    "generate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="malerei",
+        description="Self-hosted Stable-Diffusion-style image generation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"malerei.commands.{name}").register(sub)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    from malerei.engine.errors import MalereiError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MalereiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
