@@ -13,6 +13,7 @@ import sys
 # Module names under malerei.commands, in the order `malerei --help` lists them.
 COMMAND_MODULES = [
     "generate",
+    "serve",
 ]
 
 

@@ -1,0 +1,212 @@
+"""``malerei serve``, ``malerei worker`` and the admin commands ``users``, ``keys``, ``credits``.
+
+Every command takes the same ``--data-dir`` (default: ``$MALEREI_DATA_DIR`` or the user data
+dir), which holds the SQLite database, the images and the server's secret.
+
+    malerei users add alice --admin --password-stdin <<< 'correct horse'
+    malerei credits add alice 1000
+    malerei keys create alice            # prints the key once, as the last word
+    malerei serve --port 7860            # 127.0.0.1 only, authentication on
+    malerei worker                       # optional extra worker process on the same data dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("MALEREI_DATA_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("malerei")) / "serve"
+
+
+def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="database, images and secrets (default: $MALEREI_DATA_DIR or the user data dir)")
+
+
+def _common_server_args(parser: argparse.ArgumentParser) -> None:
+    _data_dir_arg(parser)
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="folder with user models (default: <data dir>/models)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)",
+                       description="Run the service. Binds 127.0.0.1 by default; any other address "
+                                   "requires authentication (on unless --no-auth).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    _common_server_args(p)
+    p.add_argument("--no-auth", action="store_true",
+                   help="single local user, no credentials (only allowed on a loopback address)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="do not run a worker in this process (run `malerei worker` instead)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a job worker process on a data dir")
+    _common_server_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    users = sub.add_parser("users", help="manage service users").add_subparsers(dest="users_cmd", required=True)
+    p = users.add_parser("add", help="create a user")
+    p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="give the admin role")
+    p.add_argument("--password-stdin", action="store_true", help="read a password (for web login) from stdin")
+    _data_dir_arg(p)
+    p.set_defaults(func=cmd_users_add)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd", required=True)
+    p = keys.add_parser("create", help="create an API key for USER (printed once, as the last word)")
+    p.add_argument("user")
+    p.add_argument("--name", default="", help="a label for the key")
+    _data_dir_arg(p)
+    p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("revoke", help="revoke an API key by its id")
+    p.add_argument("key_id")
+    _data_dir_arg(p)
+    p.set_defaults(func=cmd_keys_revoke)
+
+    credits = sub.add_parser("credits", help="manage credits").add_subparsers(dest="credits_cmd", required=True)
+    p = credits.add_parser("add", help="add N credits to USER (negative N removes)")
+    p.add_argument("user")
+    p.add_argument("amount", type=int)
+    _data_dir_arg(p)
+    p.set_defaults(func=cmd_credits_add)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _settings(args: argparse.Namespace, **extra):  # noqa: ANN202 - Settings
+    from malerei.serve.config import Settings
+
+    return Settings(data_dir=args.data_dir or default_data_dir(), **extra)
+
+
+def _services(args: argparse.Namespace):  # noqa: ANN202 - Services
+    from malerei.serve.context import build_services
+
+    return build_services(_settings(args))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from malerei.engine.offline import enforce_offline
+    from malerei.serve.config import ConfigError
+
+    enforce_offline()
+    settings = _settings(args, host=args.host, port=args.port, auth=not args.no_auth,
+                         in_process_worker=not args.no_worker, models_dir=args.models_dir)
+    try:
+        settings.check()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    _logging(args.log_level)
+    import uvicorn
+
+    from malerei.serve.app import create_app
+
+    app = create_app(settings)
+    print(f"malerei serving on http://{settings.host}:{settings.port} (data: {settings.data_dir})", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from malerei.engine.offline import enforce_offline
+    from malerei.serve.app import make_engine
+    from malerei.serve.context import build_services
+    from malerei.serve.jobs.worker import Worker
+
+    enforce_offline()
+    _logging(args.log_level)
+    settings = _settings(args, models_dir=args.models_dir)
+    worker = Worker(build_services(settings), make_engine(settings))
+    done = threading.Event()
+
+    def _stop(*_: object) -> None:
+        done.set()
+        worker.stop(timeout=0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"malerei worker {worker.worker_id} on {settings.data_dir}", flush=True)
+    worker.run_forever()
+    return 0
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from malerei.serve.accounts.users import UserError, create_user
+
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    services = _services(args)
+    try:
+        with services.db.write() as session:
+            user = create_user(session, args.name, password=password, is_admin=args.admin)
+    except (UserError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"created user {user.name}{' (admin)' if user.is_admin else ''}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from malerei.serve.accounts.keys import create_key
+    from malerei.serve.accounts.users import UserError, get_user
+
+    services = _services(args)
+    try:
+        with services.db.write() as session:
+            row, token = create_key(session, get_user(session, args.user), name=args.name)
+    except UserError as exc:
+        return _fail(str(exc))
+    print(f"key id {row.id} for {args.user}; it is shown only now: {token}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from malerei.serve.accounts.keys import revoke_key
+
+    services = _services(args)
+    with services.db.write() as session:
+        if not revoke_key(session, args.key_id):
+            return _fail(f"no API key with id {args.key_id!r}")
+    print(f"revoked key {args.key_id}")
+    return 0
+
+
+def cmd_credits_add(args: argparse.Namespace) -> int:
+    from malerei.serve import credits
+    from malerei.serve.accounts.users import UserError, get_user
+
+    services = _services(args)
+    try:
+        with services.db.write() as session:
+            balance = credits.grant(session, get_user(session, args.user), args.amount, note="malerei credits add")
+    except UserError as exc:
+        return _fail(str(exc))
+    print(f"{args.user}: {args.amount:+d} credits, balance {balance}")
+    return 0

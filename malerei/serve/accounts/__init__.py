@@ -1,0 +1,1 @@
+"""Users, passwords, API keys and web sessions."""

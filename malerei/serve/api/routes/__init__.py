@@ -1,0 +1,1 @@
+"""One module per API family: native jobs, gallery, account, admin, system, and compatible APIs."""

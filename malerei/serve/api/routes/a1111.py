@@ -1,0 +1,5 @@
+"""a1111-compatible API (to come)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""openai-compatible API (to come)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""stability-compatible API (to come)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,1 @@
+"""Database: SQLAlchemy 2 tables, sessions and alembic migrations."""

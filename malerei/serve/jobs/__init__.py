@@ -1,0 +1,1 @@
+"""Jobs: request specs, the queue interface and its SQL implementation, the worker, batching."""

@@ -1,0 +1,163 @@
+"""The one narrow door between the service and the engine.
+
+The worker calls :meth:`Engine.run_batch` with compatible requests and gets one
+:class:`EngineResult` per request. Everything the service knows about the engine's abilities is
+in this module (``KIND_SUPPORT`` maps job kinds to engine functions), so a kind switches on here
+when the engine grows it. Importing this module is cheap; torch and the engine load on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+log = logging.getLogger("malerei.serve.engine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineRequest:
+    job_id: str
+    kind: str
+    model: str | None
+    params: dict[str, Any]                     # resolved spec fields (no images)
+    images: dict[str, Image.Image] = field(default_factory=dict)  # init_image, mask_image, image
+
+
+@dataclass(kw_only=True)
+class EngineImage:
+    image: Image.Image
+    seed: int
+    infotext: str
+    recipe: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class EngineResult:
+    job_id: str
+    images: list[EngineImage] = field(default_factory=list)
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+ProgressFn = Callable[[int, int, Image.Image | None], None]
+CancelFn = Callable[[], bool]
+
+
+class Engine(Protocol):
+    def run_batch(self, requests: Sequence[EngineRequest], on_progress: ProgressFn,
+                  is_cancelled: CancelFn) -> list[EngineResult]:
+        """Run compatible requests together. Raises ``malerei.engine.errors.Cancelled`` when
+        ``is_cancelled()`` turned true (checked every step)."""
+
+
+def unsupported(request: EngineRequest) -> EngineResult:
+    return EngineResult(job_id=request.job_id, error_code="unsupported_kind",
+                        error_message=f"{request.kind} is not supported by this engine yet; "
+                                      f"supported: {', '.join(sorted(supported_kinds()))}")
+
+
+# ----------------------------------------------------------------------------- the real engine
+def supported_kinds() -> set[str]:
+    """Job kinds the installed engine can run (checked by looking for its functions)."""
+    import importlib.util
+
+    kinds = set()
+    if importlib.util.find_spec("malerei.engine.pipeline") is not None:
+        kinds.add("txt2img")
+    return kinds
+
+
+def latents_preview(latents: Any, max_side: int = 64) -> Image.Image | None:
+    """A cheap low-resolution RGB picture of latents (first image): SD's linear latent->RGB
+    approximation for 4 channels, otherwise the first three channels normalised."""
+    try:
+        import torch
+
+        x = latents[0].detach().float().cpu()
+        if x.shape[0] == 4:
+            coeffs = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
+                                   [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
+            rgb = torch.einsum("chw,cr->rhw", x, coeffs)
+            rgb = ((rgb + 1) / 2).clamp(0, 1)
+        else:
+            rgb = x[:3] if x.shape[0] >= 3 else x[:1].repeat(3, 1, 1)
+            lo, hi = rgb.min(), rgb.max()
+            rgb = (rgb - lo) / (hi - lo + 1e-6)
+        arr = (rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        image = Image.fromarray(arr, "RGB")
+        image.thumbnail((max_side, max_side))
+        return image
+    except Exception:  # noqa: BLE001 - a preview must never break a job
+        log.debug("preview failed", exc_info=True)
+        return None
+
+
+class RealEngine:
+    """``malerei.engine``: models loaded once (``ModelCache``), jobs run through ``generate``."""
+
+    def __init__(self, *, models_dir: Any = None, device: str | None = None, dtype: str | None = None) -> None:
+        self.models_dir = models_dir
+        self.device = device
+        self.dtype = dtype
+        self._cache = None
+        self._lock = threading.Lock()
+
+    def _model(self, name: str | None):  # noqa: ANN202 - LoadedModel
+        from malerei.engine import loading
+
+        with self._lock:
+            if self._cache is None:
+                self._cache = loading.ModelCache()
+            return self._cache.get(name, models_dir=self.models_dir, device=self.device, dtype=self.dtype)
+
+    def run_batch(self, requests: Sequence[EngineRequest], on_progress: ProgressFn,
+                  is_cancelled: CancelFn) -> list[EngineResult]:
+        from malerei.engine.errors import Cancelled, MalereiError
+
+        results: list[EngineResult] = []
+        runnable = [r for r in requests if r.kind in supported_kinds()]
+        results.extend(unsupported(r) for r in requests if r.kind not in supported_kinds())
+        if not runnable:
+            return results
+        try:
+            model = self._model(runnable[0].model)
+        except MalereiError as exc:
+            return results + [EngineResult(job_id=r.job_id, error_code="model_error", error_message=str(exc))
+                              for r in runnable]
+        for request in runnable:
+            try:
+                results.append(self._txt2img(model, request, on_progress, is_cancelled))
+            except Cancelled:
+                raise
+            except MalereiError as exc:
+                results.append(EngineResult(job_id=request.job_id, error_code="invalid_parameter",
+                                            error_message=str(exc)))
+        return results
+
+    def _txt2img(self, model: Any, request: EngineRequest, on_progress: ProgressFn,
+                 is_cancelled: CancelFn) -> EngineResult:
+        from malerei.engine.pipeline import GenerationParams, generate
+
+        p = request.params
+        params = GenerationParams(
+            prompt=p["prompt"], negative_prompt=p.get("negative_prompt", ""), sampler=p.get("sampler"),
+            scheduler=p.get("scheduler", "Automatic"), steps=p.get("steps"), cfg_scale=p.get("cfg_scale"),
+            seed=p.get("seed", -1), subseed=p.get("subseed", -1), subseed_strength=p.get("subseed_strength", 0.0),
+            width=p.get("width"), height=p.get("height"), batch_size=p.get("batch_size", 1),
+        )
+
+        def progress(step: int, total: int, latents: Any = None) -> None:
+            on_progress(step, total, latents_preview(latents) if latents is not None else None)
+
+        images = generate(model, params, progress=progress, cancel=is_cancelled)
+        return EngineResult(job_id=request.job_id, images=[
+            EngineImage(image=g.image, seed=g.seed, infotext=g.infotext, recipe=g.recipe) for g in images])
