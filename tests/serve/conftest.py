@@ -1,0 +1,147 @@
+"""A real ``malerei serve`` over HTTP on a real SQLite file, and helpers to drive it.
+
+The server runs as a subprocess (``python -m malerei serve`` semantics, through the serve command
+module), so the tests see exactly what clients see: HTTP, the worker, the database on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+# Runs the serve command module's parsers (serve, worker, users, keys, credits) as the CLI does.
+LAUNCH = ("import argparse, sys; from malerei.commands import serve as m; "
+          "p = argparse.ArgumentParser(prog='malerei'); sub = p.add_subparsers(required=True); m.register(sub); "
+          "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-c", LAUNCH, *map(str, args)]
+
+
+def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_argv(*args, "--data-dir", str(data_dir)), input=stdin, capture_output=True, text=True,
+                          cwd=REPO, env=env or server_env(), timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=server_env)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Server:
+        log = open(self.data_dir / f"server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(cli_argv("serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                                              *self.args), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not start: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.data_dir.glob(f"server-{self.port}.log"))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Account:
+    name: str
+    key: str
+    key_id: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_account(data_dir: Path, name: str, *, credits: int = 1000, admin: bool = False) -> Account:
+    """A user with an API key and credits, made through the library on the server's database file."""
+    from malerei.serve import credits as ledger
+    from malerei.serve.accounts.keys import create_key
+    from malerei.serve.accounts.users import create_user
+    from malerei.serve.db.migrate import upgrade
+    from malerei.serve.db.session import Database
+
+    db = Database(f"sqlite:///{data_dir / 'malerei.db'}")
+    upgrade(db)
+    with db.write() as session:
+        user = create_user(session, name, password=f"{name}-password", is_admin=admin)
+        row, key = create_key(session, user)
+        if credits:
+            ledger.grant(session, user, credits)
+    db.dispose()
+    return Account(name=name, key=key, key_id=row.id)
+
+
+def wait_job(client: httpx.Client, job_id: str, headers: dict, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+ENGINE_ENV = {"MALEREI_SERVE_ENGINE": "fake_engine:factory"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A running server (in-process worker) with two users, alice and bob, and an admin."""
+    data_dir = tmp_path_factory.mktemp("serve")
+    accounts = {name: make_account(data_dir, name, admin=name == "root") for name in ("alice", "bob", "root")}
+    server = Server(data_dir=data_dir, env=server_env(**ENGINE_ENV)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            yield server, client, accounts
+    finally:
+        server.stop()

@@ -1,0 +1,127 @@
+"""Native jobs API end to end over HTTP: submit, progress events, result, gallery, cancel."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from PIL import Image
+
+from conftest import wait_job
+
+TINY = {"width": 64, "height": 64, "steps": 4}
+
+
+def test_txt2img_job_runs_and_stores_an_image_with_metadata(served):
+    server, client, accounts = served
+    alice = accounts["alice"]
+    before = client.get("/v1/account", headers=alice.headers).json()["balance"]
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", **TINY, "seed": 42}, headers=alice.headers)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["id"].startswith("job_") and len(job["id"]) > 20
+    done = wait_job(client, job["id"], alice.headers)
+    assert done["status"] == "succeeded", done
+    assert len(done["images"]) == 1 and done["images"][0]["seed"] == 42
+    png = client.get(done["images"][0]["url"], headers=alice.headers)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["x-content-type-options"] == "nosniff"
+    image = Image.open(io.BytesIO(png.content))
+    assert image.size == (64, 64)
+    assert "a red circle" in image.info["parameters"]
+    assert json.loads(image.info["malerei"])
+    after = client.get("/v1/account", headers=alice.headers).json()["balance"]
+    assert after == before - job["cost"]
+
+
+def test_events_stream_progress_and_done(served):
+    server, client, accounts = served
+    alice = accounts["alice"]
+    job = client.post("/v1/jobs", json={"prompt": "a blue square", **TINY, "steps": 8}, headers=alice.headers).json()
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=alice.headers) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    names = [n for n, _ in events]
+    assert names[-1] == "done" and events[-1][1]["status"] == "succeeded"
+    assert "state" in names
+    steps = [d["step"] for n, d in events if n == "progress"]
+    assert steps == sorted(steps)
+
+
+def test_gallery_search_download_delete(served):
+    server, client, accounts = served
+    bob = accounts["bob"]
+    a = client.post("/v1/jobs", json={"prompt": "green triangle on sand", **TINY}, headers=bob.headers).json()
+    b = client.post("/v1/jobs", json={"prompt": "purple star", **TINY}, headers=bob.headers).json()
+    wait_job(client, a["id"], bob.headers)
+    wait_job(client, b["id"], bob.headers)
+    found = client.get("/v1/images", params={"q": "TRIANGLE sand"}, headers=bob.headers).json()["images"]
+    assert [i["job_id"] for i in found] == [a["id"]]
+    everything = client.get("/v1/images", params={"limit": 1}, headers=bob.headers).json()
+    assert len(everything["images"]) == 1 and everything["next_cursor"]
+    page2 = client.get("/v1/images", params={"limit": 1, "cursor": everything["next_cursor"]}, headers=bob.headers)
+    assert page2.json()["images"][0]["id"] != everything["images"][0]["id"]
+    image_id = found[0]["id"]
+    meta = client.get(f"/v1/images/{image_id}", headers=bob.headers).json()
+    assert meta["prompt"] == "green triangle on sand"
+    assert client.delete(f"/v1/images/{image_id}", headers=bob.headers).status_code == 204
+    assert client.get(f"/v1/images/{image_id}", headers=bob.headers).status_code == 404
+    assert client.get(f"/v1/images/{image_id}/file", headers=bob.headers).status_code == 404
+
+
+def test_cancel_running_job_stops_and_refunds(served):
+    server, client, accounts = served
+    alice = accounts["alice"]
+    before = client.get("/v1/account", headers=alice.headers).json()["balance"]
+    job = client.post("/v1/jobs", json={"prompt": "slow", "width": 64, "height": 64, "steps": 150},
+                      headers=alice.headers).json()
+    for _ in range(400):
+        state = client.get(f"/v1/jobs/{job['id']}", headers=alice.headers).json()
+        if state["status"] == "running" and state["progress"]["step"] >= 1:
+            break
+    r = client.delete(f"/v1/jobs/{job['id']}", headers=alice.headers)
+    assert r.status_code == 200
+    done = wait_job(client, job["id"], alice.headers)
+    assert done["status"] == "cancelled"
+    assert done["progress"]["step"] < 150
+    assert client.get("/v1/account", headers=alice.headers).json()["balance"] == before
+
+
+def test_unsupported_kind_fails_clearly_and_is_refunded(served):
+    server, client, accounts = served
+    alice = accounts["alice"]
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    import base64
+
+    before = client.get("/v1/account", headers=alice.headers).json()["balance"]
+    job = client.post("/v1/jobs", json={"kind": "upscale", "image": base64.b64encode(buf.getvalue()).decode()},
+                      headers=alice.headers)
+    assert job.status_code == 202, job.text
+    done = wait_job(client, job.json()["id"], alice.headers)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "unsupported_kind" and "not supported" in done["error"]["message"]
+    assert client.get("/v1/account", headers=alice.headers).json()["balance"] == before
+
+
+def test_idempotency_key(served):
+    server, client, accounts = served
+    alice = accounts["alice"]
+    body = {"prompt": "same", **TINY}
+    h = {**alice.headers, "Idempotency-Key": "k-1"}
+    first = client.post("/v1/jobs", json=body, headers=h)
+    second = client.post("/v1/jobs", json=body, headers=h)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    other = client.post("/v1/jobs", json={**body, "prompt": "different"}, headers=h)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    # the same key is per user: bob gets his own job
+    bob = accounts["bob"]
+    theirs = client.post("/v1/jobs", json=body, headers={**bob.headers, "Idempotency-Key": "k-1"})
+    assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
