@@ -660,7 +660,9 @@ def encode_prompts(
     tokenizers = _as_components(tokenizers, n_encoders, "tokenizers", family)
     text_encoders = _as_components(text_encoders, n_encoders, "text_encoders", family)
     prompts = [validate_prompt(p) for p in _as_list(prompts, "prompts")]
-    negative_prompts = [validate_prompt(p, what="negative prompt") for p in _as_list(negative_prompts, "negative_prompts")]
+    negative_prompts = [
+        validate_prompt(p, what="negative prompt") for p in _as_list(negative_prompts, "negative_prompts")
+    ]
     if not prompts:
         raise InvalidParameter("prompts must hold at least one prompt")
     if len(negative_prompts) != len(prompts):

@@ -70,7 +70,12 @@ def te(tok):
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    return CLIPTextModel(_config(tok, layers=3)).eval()
+    model = CLIPTextModel(_config(tok, layers=3)).eval()
+    # Like a trained CLIP, let the final layer norm have a bias, so hidden states do not average
+    # to exactly zero (A1111's emphasis divides by the mean).
+    with torch.no_grad():
+        model.final_layer_norm.bias.normal_(0.3, 0.1)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +363,13 @@ def test_chunk_embedding_placeholders(tok):
     assert chunk.fixes == [(2, "fancy-style")]
 
 
+def test_chunk_comma_backtrack_moves_embedding_with_its_words(tok):
+    prompt = " ".join(["cat"] * 70) + ", dog emb " + " ".join(["dog"] * 10)
+    first, second = tokenize_prompt(prompt, tok, embedding_sizes={"emb": 2})
+    assert first.fixes == [] and first.tokens[72:] == [tok.eos_token_id] * 5
+    assert second.fixes == [(2, "emb")] and second.tokens[2:4] == [0, 0]
+
+
 def test_chunk_embedding_never_straddles_chunks(tok):
     prompt = " ".join(["cat"] * 74) + " emb"
     first, second = tokenize_prompt(prompt, tok, embedding_sizes={"emb": 4})
@@ -426,6 +438,16 @@ def test_sdxl_clip_skip_is_ignored_as_in_a1111(tok, tok_pad, te_l, te_g):
     a = sdxl(tok, tok_pad, te_l, te_g, ["a cat"], ["dog"])
     b = sdxl(tok, tok_pad, te_l, te_g, ["a cat"], ["dog"], clip_skip=2)
     assert torch.equal(a.cond, b.cond)
+
+
+def test_half_precision_encoder(tok, te):
+    """bf16 encoder: output keeps its dtype; emphasis runs in float32 as A1111's multipliers do."""
+    half = copy.deepcopy(te).to(torch.bfloat16)
+    ref = sd1(tok, te, ["a (red:1.3) cat"], ["dog"])
+    out = sd1(tok, half, ["a (red:1.3) cat"], ["dog"])
+    assert out.cond.dtype == out.uncond.dtype == torch.bfloat16
+    assert torch.allclose(out.cond.float(), ref.cond, atol=0.1)
+    assert torch.isfinite(out.cond.float()).all()
 
 
 # ------------------------------------------------------------------------------------------
