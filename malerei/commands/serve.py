@@ -36,6 +36,13 @@ def _common_server_args(parser: argparse.ArgumentParser) -> None:
     _data_dir_arg(parser)
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="folder with user models (default: <data dir>/models)")
+    parser.add_argument("--default-model", default=None,
+                        help="model for jobs that name none (default: the built-in model)")
+    parser.add_argument("--lease-seconds", type=float, default=15.0,
+                        help="a worker silent this long is taken for dead and its jobs run again")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a service setting (see malerei/serve/config.py), e.g. "
+                             "--set max_queued_per_user=4 --set rate_limit_per_minute=60")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -85,8 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 def _settings(args: argparse.Namespace, **extra):  # noqa: ANN202 - Settings
-    from malerei.serve.config import Settings
+    from malerei.serve.config import Settings, parse_overrides
 
+    extra.update(parse_overrides(getattr(args, "set", None) or []))
     return Settings(data_dir=args.data_dir or default_data_dir(), **extra)
 
 
@@ -110,15 +118,12 @@ def _logging(level: str) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> int:
     from malerei.engine.offline import enforce_offline
-    from malerei.serve.config import ConfigError
 
     enforce_offline()
     settings = _settings(args, host=args.host, port=args.port, auth=not args.no_auth,
-                         in_process_worker=not args.no_worker, models_dir=args.models_dir)
-    try:
-        settings.check()
-    except ConfigError as exc:
-        return _fail(str(exc))
+                         in_process_worker=not args.no_worker, models_dir=args.models_dir,
+                         default_model=args.default_model, lease_s=args.lease_seconds)
+    settings.check()  # ConfigError: "error: <why>", exit 2
     _logging(args.log_level)
     import uvicorn
 
@@ -142,7 +147,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     enforce_offline()
     _logging(args.log_level)
-    settings = _settings(args, models_dir=args.models_dir)
+    settings = _settings(args, models_dir=args.models_dir, default_model=args.default_model,
+                         lease_s=args.lease_seconds)
     worker = Worker(build_services(settings), make_engine(settings))
     done = threading.Event()
 

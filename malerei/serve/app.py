@@ -142,6 +142,7 @@ def make_engine(settings: Settings) -> Engine:
     if spec:
         module, _, name = spec.partition(":")
         return getattr(importlib.import_module(module), name)(settings)
+    from malerei.serve.catalog import ModelCatalog
     from malerei.serve.jobs.engine import RealEngine
 
-    return RealEngine(models_dir=settings.resolved_models_dir)
+    return RealEngine(catalog=ModelCatalog(settings.resolved_models_dir, default=settings.default_model))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from malerei.engine.errors import MalereiError
 from malerei.serve.errors import ApiError
 
 # Used when a model folder has no malerei.json and the engine offers no defaults.
@@ -39,13 +40,41 @@ def _builtin_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "shapes"
 
 
-def _read_defaults(folder: Path) -> dict[str, Any]:
+def _read_defaults(path: Path) -> dict[str, Any]:
+    """A model's malerei.json defaults (the engine's validated reader when present)."""
     try:
-        data = json.loads((folder / "malerei.json").read_text())
+        from malerei.engine.loading import read_defaults
+
+        return dict(read_defaults(path))
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - a broken malerei.json fails at load time, with its message
+        return {}
+    try:
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    defaults = data.get("defaults", data) if isinstance(data, dict) else {}
-    return {k: v for k, v in defaults.items() if k in FALLBACK_DEFAULTS}
+    return {k: v for k, v in data.items() if k in FALLBACK_DEFAULTS} if isinstance(data, dict) else {}
+
+
+def _native_side(folder: Path) -> int | None:
+    """UNet sample size x VAE scale factor of a diffusers folder, read from its configs."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+_FAMILY_SIDE = {"sdxl": 1024, "sd2": 768, "sd1": 512}
+
+
+def _defaults(path: Path, family: str | None) -> dict[str, Any]:
+    side = _native_side(path) if path.is_dir() else _FAMILY_SIDE.get(family or "", 512)
+    file = path / "malerei.json" if path.is_dir() else path.with_name(f"{path.stem}.malerei.json")
+    base = {**FALLBACK_DEFAULTS, "width": side or 512, "height": side or 512}
+    return {**base, **_read_defaults(file)}
 
 
 class ModelCatalog:
@@ -53,8 +82,9 @@ class ModelCatalog:
 
     BUILTIN = "shapes"
 
-    def __init__(self, models_dir: Path | None, *, ttl_s: float = 5.0) -> None:
+    def __init__(self, models_dir: Path | None, *, default: str | None = None, ttl_s: float = 5.0) -> None:
         self.models_dir = models_dir
+        self.default = default
         self.ttl_s = ttl_s
         self._cached: tuple[float, list[ModelInfo]] | None = None
         self._lock = threading.Lock()
@@ -66,49 +96,85 @@ class ModelCatalog:
             return list(self._cached[1])
 
     def _scan(self) -> list[ModelInfo]:
-        found = [ModelInfo(name=self.BUILTIN, title=f"{self.BUILTIN} (built-in)", filename=str(_builtin_dir()),
-                           family="builtin", defaults={**FALLBACK_DEFAULTS, **_read_defaults(_builtin_dir())})]
+        builtin = _builtin_dir()
+        found = []
+        if (builtin / "model_index.json").is_file():
+            found.append(ModelInfo(name=self.BUILTIN, title=f"{self.BUILTIN} (built-in)", filename=str(builtin),
+                                   family="builtin", defaults=_defaults(builtin, None)))
         root = self.models_dir
-        if root is not None and root.is_dir():
-            for entry in sorted(root.iterdir()):
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir() and (entry / "model_index.json").is_file():
-                    found.append(ModelInfo(name=entry.name, title=entry.name, filename=str(entry),
-                                           defaults={**FALLBACK_DEFAULTS, **_read_defaults(entry)}))
-                elif entry.suffix in (".safetensors", ".ckpt") and entry.is_file():
-                    found.append(ModelInfo(name=entry.stem, title=entry.name, filename=str(entry),
-                                           defaults=dict(FALLBACK_DEFAULTS)))
+        if root is None or not root.is_dir():
+            return found
+        try:
+            from malerei.engine.model_dir import list_models
+        except ImportError:
+            return found
+        for entry in list_models(root, hashes=False):
+            if entry.name == self.BUILTIN:
+                continue
+            found.append(ModelInfo(name=entry.name, title=entry.name, filename=str(entry.path),
+                                   family=entry.family_if_cheap, defaults=_defaults(entry.path, entry.family_if_cheap)))
         return found
 
     def resolve(self, name: str | None) -> ModelInfo:
         models = self.models()
+        if not models:
+            raise ApiError(422, "model_not_found", "no models are installed: the built-in model is missing and "
+                                                   f"the models folder {self.models_dir} has none")
         if name is None:
-            return models[0]
+            if self.default is None:
+                return models[0]
+            name = self.default
         for info in models:
             if name in (info.name, info.title):
                 return info
         names = ", ".join(m.name for m in models)
         raise ApiError(422, "model_not_found", f"no model named {name!r}; available: {names}")
 
+    def engine_ref(self, name: str | None) -> Path | None:
+        """What the engine loads for a model name: None for the built-in model, else its path."""
+        info = self.resolve(name)
+        return None if info.family == "builtin" else Path(info.filename)
+
     def samplers(self) -> list[str]:
         try:
-            from malerei.engine import samplers as engine_samplers
+            from malerei.engine.samplers import list_samplers
 
-            names = getattr(engine_samplers, "SAMPLER_NAMES", None) or list(getattr(engine_samplers, "SAMPLERS", {}))
-            if names:
-                return list(names)
+            return [info.name for info in list_samplers()]
         except ImportError:
-            pass
-        return list(FALLBACK_SAMPLERS)
+            return list(FALLBACK_SAMPLERS)
 
     def schedulers(self) -> list[str]:
         try:
-            from malerei.engine import samplers as engine_samplers
+            from malerei.engine.samplers import list_schedules
 
-            names = getattr(engine_samplers, "SCHEDULE_TYPES", None)
-            if names:
-                return list(names)
+            return [info.label for info in list_schedules()]
         except ImportError:
-            pass
-        return ["Automatic", "Uniform", "Karras", "Exponential"]
+            return ["Automatic", "Uniform", "Karras", "Exponential"]
+
+    def check_sampler(self, name: str) -> str:
+        """The canonical sampler name for ``name`` (aliases allowed), or a 422 listing them."""
+        try:
+            from malerei.engine.samplers import find_sampler
+        except ImportError:
+            if name in FALLBACK_SAMPLERS:
+                return name
+        else:
+            try:
+                return find_sampler(name).name
+            except MalereiError:
+                pass
+        raise ApiError(422, "unknown_sampler", f"unknown sampler {name!r}; available: {', '.join(self.samplers())}")
+
+    def check_scheduler(self, name: str) -> str:
+        try:
+            from malerei.engine.samplers import find_schedule
+        except ImportError:
+            if name in self.schedulers():
+                return name
+        else:
+            try:
+                return find_schedule(name).label
+            except MalereiError:
+                pass
+        raise ApiError(422, "unknown_scheduler",
+                       f"unknown schedule type {name!r}; available: {', '.join(self.schedulers())}")

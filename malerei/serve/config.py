@@ -8,6 +8,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from malerei.engine.errors import MalereiError
+
 
 def is_loopback(host: str) -> bool:
     """True when ``host`` only accepts connections from this machine."""
@@ -19,7 +21,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ConfigError(ValueError):
+class ConfigError(MalereiError, ValueError):
     """The settings cannot work together (e.g. a public address without authentication)."""
 
 
@@ -32,6 +34,8 @@ class Settings:
     auth: bool = True
     # Where user models live (besides the built-in one). None: <data_dir>/models.
     models_dir: Path | None = None
+    # The model of jobs that name none. None: the built-in model (else the first one found).
+    default_model: str | None = None
     # SQLAlchemy URL; None: SQLite file <data_dir>/malerei.db (WAL).
     database_url: str | None = None
     # Run a worker thread inside the server process (a separate `malerei worker` may run too).
@@ -135,3 +139,35 @@ def load_or_create_secret(path: Path) -> str:
     finally:
         tmp.unlink()
     return path.read_text().strip()
+
+
+_SETTABLE = {"int": int, "float": float, "bool": None, "str": str}
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``["max_batch=4", "auth=false"]`` -> typed Settings fields; unknown names are refused."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    out: dict[str, object] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields or name in ("data_dir", "secret_key"):
+            allowed = ", ".join(sorted(n for n in fields if n not in ("data_dir", "secret_key")))
+            raise ConfigError(f"--set {item!r}: expected NAME=VALUE with NAME one of: {allowed}")
+        kind = str(fields[name].type).split("|")[0].strip()
+        try:
+            if kind == "bool":
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                out[name] = raw.lower() in ("1", "true", "yes", "on")
+            elif kind in ("int", "float"):
+                out[name] = int(raw) if kind == "int" else float(raw)
+            elif kind == "Path":
+                out[name] = Path(raw)
+            else:
+                out[name] = raw
+        except ValueError:
+            raise ConfigError(f"--set {item!r}: {name} must be a {kind}") from None
+    return out

@@ -37,7 +37,7 @@ def build_services(settings: Settings) -> Services:
         queue=SqlJobQueue(db, max_attempts=settings.max_attempts),
         images=ImageStore(settings.images_dir),
         inputs=ImageStore(settings.inputs_dir),
-        catalog=ModelCatalog(settings.resolved_models_dir),
+        catalog=ModelCatalog(settings.resolved_models_dir, default=settings.default_model),
         limiter=TokenBuckets(per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst),
         metrics=Metrics(db),
     )

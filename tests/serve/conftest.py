@@ -21,10 +21,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
-# Runs the serve command module's parsers (serve, worker, users, keys, credits) as the CLI does.
-LAUNCH = ("import argparse, sys; from malerei.commands import serve as m; "
-          "p = argparse.ArgumentParser(prog='malerei'); sub = p.add_subparsers(required=True); m.register(sub); "
-          "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+# Runs the serve command module's parsers (serve, worker, users, keys, credits) as malerei.cli does
+# (``error: <message>`` and exit 2 on a MalereiError), independent of the other commands' modules.
+LAUNCH = """
+import argparse, sys
+from malerei.commands import serve as m
+from malerei.engine.errors import MalereiError
+p = argparse.ArgumentParser(prog="malerei")
+m.register(p.add_subparsers(required=True))
+a = p.parse_args(sys.argv[1:])
+try:
+    sys.exit(a.func(a))
+except MalereiError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -131,15 +142,21 @@ def wait_job(client: httpx.Client, job_id: str, headers: dict, timeout: float = 
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
-ENGINE_ENV = {"MALEREI_SERVE_ENGINE": "fake_engine:factory"}
+TINY_MODEL = "tiny-sd1"
+
+
+def model_args(models_dir: Path) -> list[str]:
+    """Serve the tiny real models (tests/conftest.py) with the tiny SD1 folder as the default."""
+    return ["--models-dir", str(models_dir), "--default-model", TINY_MODEL]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A running server (in-process worker) with two users, alice and bob, and an admin."""
+def served(tmp_path_factory, tiny_models_dir):
+    """A running server (in-process worker, real engine, tiny model) with users alice, bob and
+    root (admin)."""
     data_dir = tmp_path_factory.mktemp("serve")
     accounts = {name: make_account(data_dir, name, admin=name == "root") for name in ("alice", "bob", "root")}
-    server = Server(data_dir=data_dir, env=server_env(**ENGINE_ENV)).start()
+    server = Server(data_dir=data_dir, args=model_args(tiny_models_dir)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             yield server, client, accounts

@@ -76,56 +76,41 @@ def supported_kinds() -> set[str]:
     return kinds
 
 
-def latents_preview(latents: Any, max_side: int = 64) -> Image.Image | None:
-    """A cheap low-resolution RGB picture of latents (first image): SD's linear latent->RGB
-    approximation for 4 channels, otherwise the first three channels normalised."""
-    try:
-        import torch
-
-        x = latents[0].detach().float().cpu()
-        if x.shape[0] == 4:
-            coeffs = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
-                                   [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
-            rgb = torch.einsum("chw,cr->rhw", x, coeffs)
-            rgb = ((rgb + 1) / 2).clamp(0, 1)
-        else:
-            rgb = x[:3] if x.shape[0] >= 3 else x[:1].repeat(3, 1, 1)
-            lo, hi = rgb.min(), rgb.max()
-            rgb = (rgb - lo) / (hi - lo + 1e-6)
-        arr = (rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        image = Image.fromarray(arr, "RGB")
-        image.thumbnail((max_side, max_side))
-        return image
-    except Exception:  # noqa: BLE001 - a preview must never break a job
-        log.debug("preview failed", exc_info=True)
-        return None
-
-
 class RealEngine:
     """``malerei.engine``: models loaded once (``ModelCache``), jobs run through ``generate``."""
 
-    def __init__(self, *, models_dir: Any = None, device: str | None = None, dtype: str | None = None) -> None:
-        self.models_dir = models_dir
+    def __init__(self, *, catalog: Any, device: str | None = None, dtype: str | None = None,
+                 preview_every: int = 2) -> None:
+        self.catalog = catalog
         self.device = device
         self.dtype = dtype
+        self.preview_every = preview_every
         self._cache = None
         self._lock = threading.Lock()
+
+    def warm(self, model: str | None = None) -> None:
+        """Load a model before taking jobs, so a job is never held while the engine starts."""
+        try:
+            self._model(model)
+        except Exception:  # noqa: BLE001 - the job that needs it will fail with the reason
+            log.warning("could not preload model %r", model, exc_info=True)
 
     def _model(self, name: str | None):  # noqa: ANN202 - LoadedModel
         from malerei.engine import loading
 
         with self._lock:
             if self._cache is None:
-                self._cache = loading.ModelCache()
-            return self._cache.get(name, models_dir=self.models_dir, device=self.device, dtype=self.dtype)
+                self._cache = loading.ModelCache(max_models=1)
+        return self._cache.get(self.catalog.engine_ref(name), models_dir=self.catalog.models_dir,
+                               device=self.device, dtype=self.dtype)
 
     def run_batch(self, requests: Sequence[EngineRequest], on_progress: ProgressFn,
                   is_cancelled: CancelFn) -> list[EngineResult]:
         from malerei.engine.errors import Cancelled, MalereiError
 
-        results: list[EngineResult] = []
-        runnable = [r for r in requests if r.kind in supported_kinds()]
-        results.extend(unsupported(r) for r in requests if r.kind not in supported_kinds())
+        kinds = supported_kinds()
+        results = [unsupported(r) for r in requests if r.kind not in kinds]
+        runnable = [r for r in requests if r.kind in kinds]
         if not runnable:
             return results
         try:
@@ -145,19 +130,39 @@ class RealEngine:
 
     def _txt2img(self, model: Any, request: EngineRequest, on_progress: ProgressFn,
                  is_cancelled: CancelFn) -> EngineResult:
-        from malerei.engine.pipeline import GenerationParams, generate
-
-        p = request.params
-        params = GenerationParams(
-            prompt=p["prompt"], negative_prompt=p.get("negative_prompt", ""), sampler=p.get("sampler"),
-            scheduler=p.get("scheduler", "Automatic"), steps=p.get("steps"), cfg_scale=p.get("cfg_scale"),
-            seed=p.get("seed", -1), subseed=p.get("subseed", -1), subseed_strength=p.get("subseed_strength", 0.0),
-            width=p.get("width"), height=p.get("height"), batch_size=p.get("batch_size", 1),
-        )
+        from malerei.engine.pipeline import generate
 
         def progress(step: int, total: int, latents: Any = None) -> None:
-            on_progress(step, total, latents_preview(latents) if latents is not None else None)
+            on_progress(step, total, preview_image(model, latents))
 
-        images = generate(model, params, progress=progress, cancel=is_cancelled)
+        images = generate(model, generation_params(request.params), progress=progress, cancel=is_cancelled,
+                          preview_every=self.preview_every, models_dir=self.catalog.models_dir)
         return EngineResult(job_id=request.job_id, images=[
             EngineImage(image=g.image, seed=g.seed, infotext=g.infotext, recipe=g.recipe) for g in images])
+
+
+def preview_image(model: Any, latents: Any) -> Image.Image | None:
+    """The first image's low-resolution preview from the engine's latents (or ready images)."""
+    if latents is None:
+        return None
+    if isinstance(latents, list):
+        return latents[0] if latents else None
+    try:
+        from malerei.engine.pipeline import preview_images
+
+        return preview_images(model.pipe, latents[:1])[0]
+    except Exception:  # noqa: BLE001 - a preview must never break a job
+        log.debug("preview failed", exc_info=True)
+        return None
+
+
+def generation_params(p: dict[str, Any]) -> Any:
+    """A job's resolved parameters as the engine's ``GenerationParams``."""
+    from malerei.engine.pipeline import GenerationParams
+
+    return GenerationParams(
+        prompt=p["prompt"], negative_prompt=p.get("negative_prompt", ""), sampler=p.get("sampler"),
+        scheduler=p.get("scheduler", "Automatic"), steps=p.get("steps"), cfg_scale=p.get("cfg_scale"),
+        seed=p.get("seed", -1), subseed=p.get("subseed", -1), subseed_strength=p.get("subseed_strength", 0.0),
+        width=p.get("width"), height=p.get("height"), batch_size=p.get("batch_size", 1),
+    )

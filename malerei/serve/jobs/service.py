@@ -77,16 +77,10 @@ def resolve(services: Services, spec: Any) -> tuple[str, dict[str, Any], dict[st
         if spec.batch_size > s.max_batch:
             raise ApiError(422, "batch_out_of_range",
                            f"batch_size={spec.batch_size} is too large: at most {s.max_batch}")
-        sampler = spec.sampler or d["sampler"]
-        samplers = services.catalog.samplers()
-        if sampler not in samplers:
-            raise ApiError(422, "unknown_sampler", f"unknown sampler {sampler!r}; available: {', '.join(samplers)}")
-        schedulers = services.catalog.schedulers()
-        if spec.scheduler not in schedulers:
-            raise ApiError(422, "unknown_scheduler",
-                           f"unknown schedule type {spec.scheduler!r}; available: {', '.join(schedulers)}")
+        sampler = services.catalog.check_sampler(spec.sampler or d["sampler"])
+        scheduler = services.catalog.check_scheduler(spec.scheduler or d.get("scheduler", "Automatic"))
         seed = spec.seed if spec.seed >= 0 else secrets.randbelow(2**32)
-        fields.update(width=width, height=height, steps=steps, sampler=sampler, seed=seed,
+        fields.update(width=width, height=height, steps=steps, sampler=sampler, scheduler=scheduler, seed=seed,
                       cfg_scale=spec.cfg_scale if spec.cfg_scale is not None else d["cfg_scale"])
         if spec.kind == "inpaint" and images["mask_image"].size != images["init_image"].size:
             raise ApiError(422, "mask_size_mismatch",

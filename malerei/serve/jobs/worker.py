@@ -87,6 +87,10 @@ class Worker:
 
     def run_forever(self) -> None:
         log.info("worker %s started", self.worker_id)
+        warm = getattr(self.engine, "warm", None)
+        if warm is not None:
+            warm(None)
+            log.info("worker %s ready", self.worker_id)
         hooks = threading.Thread(target=self._webhook_loop, name="malerei-webhooks", daemon=True)
         hooks.start()
         while not self._stop.is_set():
