@@ -150,7 +150,7 @@ def model_args(models_dir: Path) -> list[str]:
     return ["--models-dir", str(models_dir), "--default-model", TINY_MODEL]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tmp_path_factory, tiny_models_dir):
     """A running server (in-process worker, real engine, tiny model) with users alice, bob and
     root (admin)."""
@@ -160,5 +160,27 @@ def served(tmp_path_factory, tiny_models_dir):
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             yield server, client, accounts
+    finally:
+        server.stop()
+
+
+_counter = iter(range(10**6))
+
+
+def new_account(server: Server, prefix: str, *, credits: int = 1000, admin: bool = False) -> Account:
+    """A fresh user on a running server's database (so tests sharing a server stay independent)."""
+    return make_account(server.data_dir, f"{prefix}{next(_counter)}", credits=credits, admin=admin)
+
+
+@pytest.fixture(scope="session")
+def api_only(tmp_path_factory, tiny_models_dir):
+    """A server without a worker (jobs stay queued) and with small limits, for limit tests."""
+    data_dir = tmp_path_factory.mktemp("api")
+    server = Server(data_dir=data_dir, args=[*model_args(tiny_models_dir), "--no-worker",
+                                             "--set", "rate_limit_per_minute=60", "--set", "rate_limit_burst=5",
+                                             "--set", "max_queued_per_user=3"]).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            yield server, client
     finally:
         server.stop()
