@@ -156,7 +156,8 @@ def served(tmp_path_factory, tiny_models_dir):
     root (admin)."""
     data_dir = tmp_path_factory.mktemp("serve")
     accounts = {name: make_account(data_dir, name, admin=name == "root") for name in ("alice", "bob", "root")}
-    server = Server(data_dir=data_dir, args=model_args(tiny_models_dir)).start()
+    server = Server(data_dir=data_dir, args=[*model_args(tiny_models_dir), "--set", "webhook_allow_private=true",
+                                             "--set", "webhook_backoff_s=0.2"]).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             yield server, client, accounts
