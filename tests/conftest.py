@@ -25,6 +25,8 @@ Session fixtures (built once per test run, read-only: copy before changing them)
                           (+ .malerei.json), Lora/tiny-kohya.safetensors, Lora/tiny-peft.safetensors,
                           embeddings/tiny-emb.safetensors (A1111 emb_params, 2 x 32 for sd1)
 
+    to_original_layout    the converter below, as a fixture: to_original_layout(pipe, family)
+
 Function fixtures:
 
     no_network            sockets refuse to connect (socket.connect, connect_ex, create_connection);
@@ -202,7 +204,8 @@ def _unet_to_ldm(unet) -> dict:
             _rename_all(sd, f"up_blocks.{b}.resnets.{layer}.", f"output_blocks.{i}.0.", out, _RESNET_TO_LDM)
             _rename_all(sd, f"up_blocks.{b}.attentions.{layer}.", f"output_blocks.{i}.1.", out)
         last = b * (lpb + 1) + lpb
-        _rename_all(sd, f"up_blocks.{b}.upsamplers.0.conv.", f"output_blocks.{last}.{2 if has_attention else 1}.conv.", out)
+        upsampler = f"output_blocks.{last}.{2 if has_attention else 1}.conv."
+        _rename_all(sd, f"up_blocks.{b}.upsamplers.0.conv.", upsampler, out)
     assert not sd, f"unconverted UNet keys: {sorted(sd)[:5]}"
     return out
 
@@ -439,6 +442,12 @@ def tiny_models_dir(tiny_sd1, tiny_lora_files, tmp_path_factory) -> Path:
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(3))},
               str(root / "embeddings" / "tiny-emb.safetensors"))
     return root
+
+
+@pytest.fixture(scope="session")
+def to_original_layout():
+    """`diffusers_to_original(pipe, family)`: a pipeline's weights under single-file names."""
+    return diffusers_to_original
 
 
 @pytest.fixture

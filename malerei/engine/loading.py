@@ -172,7 +172,9 @@ def _load_diffusers_folder(folder: Path, *, allow_pickle: bool, torch_dtype) -> 
         spec = index.get(comp)
         if not (isinstance(spec, list) and spec and spec[0] is not None):
             what = "an SDXL refiner" if family == "sdxl" and comp == "text_encoder" else "incomplete"
-            raise ModelLoadError(f"{folder.name}: model_index.json has no {comp}; the model is {what} and not supported")
+            raise ModelLoadError(
+                f"{folder.name}: model_index.json has no {comp}; the model is {what} and not supported"
+            )
     files: dict[str, Path] = {}
     variants = set()
     for comp in components:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from malerei.engine.checkpoint_files import PICKLE_SUFFIXES, read_safetensors_header, tensor_shapes
+from malerei.engine.checkpoint_files import read_safetensors_header, tensor_shapes
 from malerei.engine.errors import InvalidParameter, MalereiError, ModelNotFound
 
 log = logging.getLogger(__name__)

@@ -323,7 +323,9 @@ def load_single_file(
         config_dir = CONFIG_ROOT / ("sd2-v" if family == "sd2" and prediction_type == "v_prediction" else family)
     config_dir = Path(config_dir)
     if not (config_dir / "model_index.json").is_file():
-        raise ModelLoadError(f"config folder {config_dir} has no model_index.json (a diffusers config folder is needed)")
+        raise ModelLoadError(
+            f"config folder {config_dir} has no model_index.json (a diffusers config folder is needed)"
+        )
     check_architecture(shapes, family, config_dir, name=path.name)
     index = _read_json(config_dir / "model_index.json")
     expected_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
@@ -360,7 +362,8 @@ def load_single_file(
         raise ModelLoadError(f"{path.name}: conversion to diffusers failed: {first[:300]}") from exc
     del state_dict
 
-    for module, what in ((unet, "UNet"), (vae, "VAE"), (text_encoder, "text encoder"), (text_encoder_2, "second text encoder")):
+    parts = ((unet, "UNet"), (vae, "VAE"), (text_encoder, "text encoder"), (text_encoder_2, "second text encoder"))
+    for module, what in parts:
         if module is not None:
             _no_meta_weights(module, what, path.name)
 

@@ -166,13 +166,18 @@ def test_family_detection_from_tensor_names():
             detect_family(shapes)
 
 
-def test_shipped_configs_describe_the_real_architectures():
-    """Parameter counts of the published models (SD1.5, SD2.x, SDXL base), built on the meta device."""
+def test_shipped_configs_describe_the_real_architectures(to_original_layout):
+    """The shipped configs are the published models (SD1.5, SD2.x, SDXL base): built on the meta
+    device they have the published parameter counts, and their weights under original single-file
+    names (the fixture converter, the reverse of diffusers') pass family detection and the
+    architecture check, while another family's config is refused."""
+    from types import SimpleNamespace
+
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from malerei.engine.single_file import CONFIG_ROOT
+    from malerei.engine.single_file import CONFIG_ROOT, check_architecture
 
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -182,11 +187,47 @@ def test_shipped_configs_describe_the_real_architectures():
     with init_empty_weights():
         for name, (unet_params, text_params) in expected.items():
             root = CONFIG_ROOT / name
-            assert count(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))) == unet_params
-            assert count(AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))) == 83_653_863
-            assert count(CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))) == text_params
-        bigg = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(CONFIG_ROOT / "sdxl" / "text_encoder_2"))
-        assert count(bigg) == 694_659_840
+            parts = SimpleNamespace(
+                unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet")),
+                vae=AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")),
+                text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")),
+            )
+            assert count(parts.unet) == unet_params
+            assert count(parts.vae) == 83_653_863
+            assert count(parts.text_encoder) == text_params
+            family = name.removesuffix("-v")
+            if family == "sdxl":
+                parts.text_encoder_2 = CLIPTextModelWithProjection(
+                    CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+                assert count(parts.text_encoder_2) == 694_659_840
+            shapes = {k: tuple(v.shape) for k, v in to_original_layout(parts, family).items()}
+            assert detect_family(shapes) == family
+            check_architecture(shapes, family, root, name=name)
+            if family != "sdxl":  # SD1 weights against the SD2 config and vice versa
+                other = CONFIG_ROOT / ("sd2" if family == "sd1" else "sd1")
+                with pytest.raises(ModelLoadError, match="does not match.*UNet context width"):
+                    check_architecture(shapes, family, other, name=name)
+
+
+def test_clip_bpe_tokenizer_gives_clip_ids(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from malerei.engine.clip_bpe import build_clip_tokenizer, write_clip_tokenizer_files
+
+    tokenizer = build_clip_tokenizer()
+    expected = {
+        "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+        "a photo of a dog": [49406, 320, 1125, 539, 320, 1929, 49407],
+        "Hello, world!": [49406, 3306, 267, 1002, 256, 49407],
+        "A PHOTO of  a Cat!": [49406, 320, 1125, 539, 320, 2368, 256, 49407],
+    }
+    for text, ids in expected.items():
+        assert tokenizer(text).input_ids == ids, text
+    assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert build_clip_tokenizer(pad_token="!").pad_token_id == 0
+    reloaded = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(tmp_path / "tok")), local_files_only=True)
+    assert reloaded("a photo of a dog").input_ids == expected["a photo of a dog"]
 
 
 def test_non_standard_architecture_needs_config_dir(tiny_sd1, tmp_path):
