@@ -15,6 +15,8 @@ for SD1/SD2, `{"clip_l": ..., "clip_g": ...}` for SDXL; `Embedding.vectors` is i
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,16 +100,42 @@ def _vectors_from(data: dict, name: str):
     )
 
 
+_cache: OrderedDict[tuple, Embedding] = OrderedDict()
+_cache_lock = threading.Lock()
+_CACHE_SIZE = 256
+
+
 def load_embedding(path: Path, *, allow_pickle: bool = False) -> Embedding:
-    """Read one embedding file; its word is the file stem."""
+    """Read one embedding file; its word is the file stem. Results are cached in the process by
+    (path, mtime, size), since jobs look the whole embeddings folder up each time; the vectors are
+    shared, do not modify them."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    is_pickle = path.suffix.lower() in PICKLE_SUFFIXES
+    if is_pickle and not allow_pickle:
+        load_pickle_object(path, allow_pickle=False)  # raises PickleRefused (or ModelNotFound)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = None  # missing file: the reader below raises the clear error
+    if key is not None:
+        with _cache_lock:
+            if key in _cache:
+                _cache.move_to_end(key)
+                return _cache[key]
+    if is_pickle:
         data = load_pickle_object(path, allow_pickle=allow_pickle)
         if not isinstance(data, dict):
             raise ModelLoadError(f"{path.name}: holds a {type(data).__name__}, not an embedding")
     else:
         data = load_state_dict(path, allow_pickle=allow_pickle)
-    return Embedding(name=path.stem, vectors=_vectors_from(data, path.name), path=path)
+    embedding = Embedding(name=path.stem, vectors=_vectors_from(data, path.name), path=path)
+    if key is not None:
+        with _cache_lock:
+            _cache[key] = embedding
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    return embedding
 
 
 def list_embeddings(models_dir: Path | None = None) -> list["ModelEntry"]:

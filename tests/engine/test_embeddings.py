@@ -44,6 +44,24 @@ def test_a1111_pt_needs_opt_in(tmp_path):
     assert torch.equal(load_embedding(path, allow_pickle=True).vectors, v)
 
 
+def test_cache_follows_the_file_and_the_pickle_rule(tmp_path):
+    import os
+
+    path = tmp_path / "e.safetensors"
+    save_file({"emb_params": vectors(1, 8)}, str(path))
+    first = load_embedding(path)
+    assert load_embedding(path) is first
+    save_file({"emb_params": vectors(2, 8, 1)}, str(path))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert load_embedding(path).n_vectors == 2
+    pickled = tmp_path / "p.pt"
+    torch.save({"emb_params": vectors(1, 8)}, pickled)
+    assert load_embedding(pickled, allow_pickle=True).n_vectors == 1
+    with pytest.raises(PickleRefused):  # a cached pickle is still refused without the opt-in
+        load_embedding(pickled)
+
+
 def test_diffusers_bin_single_vector(tmp_path):
     path = tmp_path / "token.bin"
     torch.save({"<cat-toy>": vectors(1, 768)[0]}, path)
