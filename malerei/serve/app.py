@@ -125,6 +125,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, services: Se
                               "Authenticate with `Authorization: Bearer <API key>`.")
     app.state.services = services
     errors.install(app)
+    errors.document_errors(app)
     for module in (system, account, jobs, gallery, admin, openai, a1111, stability):
         app.include_router(module.router)
     max_body = int(settings.max_upload_bytes * 2.8) + (1 << 20)

@@ -62,7 +62,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _DESCRIPTIONS = {
-    400: "bad input", 401: "not authenticated", 402: "not enough credits", 403: "not allowed",
+    400: "bad input", 401: "not authenticated", 415: "unsupported image format", 402: "not enough credits", 403: "not allowed",
     404: "not found (or not yours)", 409: "conflict", 413: "too large", 422: "invalid parameters",
     429: "rate limited", 503: "unavailable",
 }
@@ -120,6 +120,49 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         details.append({"loc": loc, "message": str(item.get("msg", ""))})
     summary = "; ".join(f"{d['loc'] or 'body'}: {d['message']}" for d in details[:5])
     return ApiError(422, "invalid_request", summary or "invalid request", details=details)
+
+
+_STRING = {"type": "string"}
+FAMILY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "native": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": _STRING, "message": _STRING, "details": {"type": "array", "items": {"type": "object"}}}}}},
+    "openai": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": _STRING, "type": _STRING, "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}},
+    "a1111": {"type": "object", "required": ["error", "detail", "body", "errors"],
+              "properties": {"error": _STRING, "detail": _STRING, "body": _STRING, "errors": _STRING}},
+    "stability": {"type": "object", "required": ["id", "name", "message"],
+                  "properties": {"id": _STRING, "name": _STRING, "message": _STRING}},
+}
+ERROR_CODES = (400, 401, 402, 403, 404, 409, 413, 415, 422, 429)
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say what errors really look like: every operation lists the
+    error statuses with its family's body (replacing FastAPI's default 422 schema)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path, operations in spec.get("paths", {}).items():
+            schema = FAMILY_SCHEMAS[family(path)]
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for code in ERROR_CODES:
+                    entry = responses.get(str(code))
+                    if entry is None or "HTTPValidationError" in str(entry) or code >= 400:
+                        responses[str(code)] = {"description": _DESCRIPTIONS.get(code, "error"),
+                                                "content": {"application/json": {"schema": schema}}}
+        spec.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        spec.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install(app: FastAPI) -> None:

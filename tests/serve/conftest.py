@@ -185,3 +185,18 @@ def api_only(tmp_path_factory, tiny_models_dir):
             yield server, client
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def fuzz_target(tmp_path_factory, tiny_models_dir):
+    """A server (with worker) whose limits keep every acceptable job tiny, for schemathesis."""
+    data_dir = tmp_path_factory.mktemp("fuzz")
+    account = make_account(data_dir, "fuzzer", credits=500)
+    server = Server(data_dir=data_dir, args=[*model_args(tiny_models_dir), "--set", "max_pixels=4096",
+                                             "--set", "max_steps=2", "--set", "max_batch=2",
+                                             "--set", "rate_limit_per_minute=0", "--set", "sync_timeout_s=120",
+                                             "--set", "max_input_pixels=65536"]).start()
+    try:
+        yield server, account
+    finally:
+        server.stop()
