@@ -13,6 +13,8 @@ import sys
 # Module names under malerei.commands, in the order `malerei --help` lists them.
 COMMAND_MODULES = [
     "generate",
+    "world",
+    "train",
     "serve",
 ]
 

@@ -1,0 +1,117 @@
+"""`malerei train {vae,latents,unet,export}`: the built-in model's recipe, one step per command.
+
+Every step resumes from its run directory, so a stopped run continues where it left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the built-in model (VAE, text encoder + UNet) on shapes-world data")
+    tsub = p.add_subparsers(dest="train_command", metavar="STEP", required=True)
+
+    v = tsub.add_parser("vae", help="train the VAE on rendered shards")
+    v.add_argument("--data", type=Path, required=True)
+    v.add_argument("--run", type=Path, required=True)
+    v.add_argument("--steps", type=int)
+    v.add_argument("--batch-size", type=int)
+    v.add_argument("--device")
+    v.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
+    v.set_defaults(func=run_vae)
+
+    lat = tsub.add_parser("latents", help="encode all shards once with the trained VAE")
+    lat.add_argument("--data", type=Path, required=True)
+    lat.add_argument("--vae", type=Path, required=True)
+    lat.add_argument("--out", type=Path, required=True)
+    lat.set_defaults(func=run_latents)
+
+    u = tsub.add_parser("unet", help="train text encoder + UNet on precomputed latents")
+    u.add_argument("--latents", type=Path, required=True)
+    u.add_argument("--run", type=Path, required=True)
+    u.add_argument("--steps", type=int)
+    u.add_argument("--batch-size", type=int)
+    u.add_argument("--lr", type=float)
+    u.add_argument("--device")
+    u.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
+    u.set_defaults(func=run_unet)
+
+    e = tsub.add_parser("export", help="write the diffusers StableDiffusionPipeline folder")
+    e.add_argument("--vae", type=Path, required=True)
+    e.add_argument("--latents", type=Path, required=True)
+    e.add_argument("--unet", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
+    e.set_defaults(func=run_export)
+
+
+def _config(cls, run: Path, args: argparse.Namespace, names: dict[str, str]):
+    """A run's config: the saved one when resuming, else defaults; CLI flags override either."""
+    saved = run / "config.json"
+    values = json.loads(saved.read_text()) if saved.exists() else {}
+    if "block_out_channels" in values:
+        values["block_out_channels"] = tuple(values["block_out_channels"])
+    for flag, field in names.items():
+        if getattr(args, flag, None) is not None:
+            values[field] = getattr(args, flag)
+    return cls(**values)
+
+
+def _progress(total: int, start: int, label: str, fields: list[str]):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn()
+    )
+    task = bar.add_task(label, total=total, completed=start, stats="")
+
+    def on_step(step: int, stats: dict) -> None:
+        bar.update(task, completed=step, stats="  ".join(f"{k} {stats[k]:.4g}" for k in fields if k in stats))
+
+    return bar, on_step
+
+
+def run_vae(args: argparse.Namespace) -> int:
+    from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
+    from malerei.world.shards import read_shards
+
+    config = _config(VAEConfig, args.run, args, {"steps": "steps", "batch_size": "batch_size", "device": "device", "minutes": "time_limit_minutes"}
+    )
+    images, _ = read_shards(args.data)
+    bar, on_step = _progress(config.steps, 0, "vae", ["loss", "psnr_batch", "samples_per_s"])
+    with bar:
+        train_vae(config, images, args.run, on_step=on_step)
+    metrics = evaluate_vae(load_trained_vae(args.run))
+    (args.run / "eval.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
+    return 0
+
+
+def run_latents(args: argparse.Namespace) -> int:
+    from malerei.train.diffusion import prepare_latents
+
+    print(prepare_latents(args.data, args.vae, args.out))
+    return 0
+
+
+def run_unet(args: argparse.Namespace) -> int:
+    from malerei.train.diffusion import DiffusionConfig, train_diffusion
+
+    config = _config(
+        DiffusionConfig, args.run, args, {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes"}
+    )
+    bar, on_step = _progress(config.steps, 0, "unet", ["loss", "samples_per_s"])
+    with bar:
+        train_diffusion(config, args.latents, args.run, on_step=on_step)
+    print(args.run / "checkpoint.pt")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from malerei.train.export import build_pipeline, export_pipeline
+
+    pipe, info = build_pipeline(args.vae, args.latents, args.unet)
+    print(export_pipeline(pipe, args.out, extra_info={"trained_steps": info["steps"]}))
+    return 0

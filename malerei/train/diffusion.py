@@ -1,0 +1,268 @@
+"""Train the built-in model's text encoder and UNet together on precomputed VAE latents.
+
+    malerei train latents --data runs/data --vae runs/vae --out runs/latents
+    malerei train unet --latents runs/latents --run runs/unet --steps 30000
+
+Choices, and why:
+- Text encoder: a small CLIPTextModel with a word-level CLIP tokenizer, trained from scratch with
+  the UNet. A frozen pretrained encoder would have to come from a PyPI package, and the only one
+  at hand (a MiniLM sentence model) is not a CLIP text model, so stock StableDiffusionPipeline
+  could not load it; ours is a standard CLIPTextModel + CLIPTokenizer folder.
+- v-prediction with zero-terminal-SNR betas and trailing timesteps: at the last step the model
+  sees pure noise, so the layout must come from the text, not from leftover signal in the noise.
+- Caption dropout (empty caption) so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DiffusionConfig:
+    # UNet: 16x16 latents -> 8x8 -> 4x4; cross-attention at 8x8, 4x4 and in the middle, where
+    # the layout is decided.
+    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    layers_per_block: int = 1
+    attention_heads: int = 4  # diffusers' `attention_head_dim` on this UNet is the number of heads
+    # Text encoder: a CLIPTextModel (causal, 77 positions as Stable Diffusion's).
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_ff: int = 1024
+    # Noise schedule, as in the shipped scheduler config.
+    prediction_type: str = "v_prediction"
+    rescale_betas_zero_snr: bool = True
+    # Optimisation.
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup: int = 500
+    steps: int = 30_000
+    weight_decay: float = 0.01
+    ema_decay: float = 0.9995
+    caption_dropout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_every: int = 0  # 0: only at the end
+    device: str = "auto"
+    time_limit_minutes: float = 0.0  # >0: checkpoint and stop after this long (runs in pieces)
+    extra: dict = field(default_factory=dict)
+
+
+def scheduler_config(config: DiffusionConfig) -> dict:
+    """The noise schedule the model is trained with; also the shipped scheduler's config."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": config.prediction_type,
+        "rescale_betas_zero_snr": config.rescale_betas_zero_snr,
+        "timestep_spacing": "trailing",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+
+
+def build_text_encoder(config: DiffusionConfig, vocab_size: int, eos_token_id: int, bos_token_id: int, pad_token_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=config.text_hidden,
+            intermediate_size=config.text_ff,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            projection_dim=config.text_hidden,
+        )
+    )
+
+
+def build_unet(config: DiffusionConfig, latent_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=config.text_hidden,
+        attention_head_dim=config.attention_heads,
+        norm_num_groups=32,
+    )
+
+
+def build_tokenizer(out_dir: Path):
+    from malerei.engine.tokenizer_builder import build_word_clip_tokenizer
+    from malerei.world.vocab import caption_words
+
+    return build_word_clip_tokenizer(caption_words(), out_dir)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means of all images (latents are precomputed once, scaled later)."""
+    from malerei.train.vae import to_model_space
+
+    device = next(vae.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_model_space(torch.from_numpy(images[i : i + batch_size])).to(device)
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(out)
+
+
+def prepare_latents(data_dir: Path, vae_run: Path, out_dir: Path) -> Path:
+    """Encode every shard image once; writes latents.pt (raw means), captions.json, scale.json."""
+    from malerei.train.common import pick_train_device
+    from malerei.train.vae import load_trained_vae
+    from malerei.world.shards import read_shards
+
+    images, captions = read_shards(data_dir)
+    vae = load_trained_vae(vae_run).to(pick_train_device(None))
+    latents = encode_latents(vae, images)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(latents, out_dir / "latents.pt")
+    (out_dir / "captions.json").write_text(json.dumps(captions))
+    # Stable Diffusion's scaling_factor: 1 / std of the latents, so the UNet sees unit variance.
+    (out_dir / "scale.json").write_text(json.dumps({"scaling_factor": float(1.0 / latents.std())}))
+    return out_dir
+
+
+def _alphas_cumprod(config: DiffusionConfig) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config(config)).alphas_cumprod.float()
+
+
+def train_diffusion(
+    config: DiffusionConfig,
+    latents_dir: Path,
+    run_dir: Path,
+    *,
+    on_step: Callable[[int, dict], None] | None = None,
+    evaluate: Callable[[object, object, object, int], dict] | None = None,
+) -> Path:
+    """Train (or resume) text encoder + UNet in run_dir; returns the checkpoint path."""
+    from malerei.train.common import (
+        EMA,
+        LossLog,
+        batch_indices,
+        learning_rate,
+        load_checkpoint,
+        pick_train_device,
+        save_checkpoint,
+        save_config,
+        step_generator,
+    )
+
+    device = pick_train_device(config.device)
+    save_config(run_dir, config)
+    tokenizer = build_tokenizer(run_dir / "tokenizer")
+    latents = torch.load(latents_dir / "latents.pt", weights_only=True)
+    scale = json.loads((latents_dir / "scale.json").read_text())["scaling_factor"]
+    captions = json.loads((latents_dir / "captions.json").read_text())
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+
+    torch.manual_seed(config.seed)
+    text_encoder = build_text_encoder(
+        config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id
+    ).to(device)
+    unet = build_unet(config, latents.shape[1]).to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    ema_unet, ema_text = EMA(unet, config.ema_decay), EMA(text_encoder, config.ema_decay)
+    ckpt_path = run_dir / "checkpoint.pt"
+    step = 0
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema_unet.shadow, ema_text.shadow = state["ema_unet"], state["ema_text"]
+        step = state["step"]
+
+    alphas_cumprod = _alphas_cumprod(config).to(device)
+    log = LossLog(run_dir / "loss.csv", ["loss", "lr", "samples_per_s"])
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    t_last, n_last, loss_sum, loss_n = time.time(), 0, 0.0, 0
+    unet.train()
+    text_encoder.train()
+    started = time.time()
+    while step < config.steps:
+        lr = learning_rate(step, peak=config.lr, warmup=config.warmup, total=config.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(len(latents), config.batch_size, config.seed, step)
+        g = step_generator(config.seed, step)
+        x0 = (latents[idx] * scale).to(device)
+        input_ids = ids[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < config.caption_dropout
+        input_ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
+        a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * noise
+        target = a * noise - s * x0 if config.prediction_type == "v_prediction" else noise
+        with autocast:
+            context = text_encoder(input_ids.to(device)).last_hidden_state
+            pred = unet(xt, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet, step)
+        ema_text.update(text_encoder, step)
+        step += 1
+        n_last += len(idx)
+        loss_sum += loss.item()
+        loss_n += 1
+        if step % config.log_every == 0 or step == config.steps:
+            now = time.time()
+            stats = {"loss": loss_sum / loss_n, "lr": lr, "samples_per_s": n_last / max(now - t_last, 1e-9)}
+            log.write(step, **stats)
+            t_last, n_last, loss_sum, loss_n = now, 0, 0.0, 0
+            if on_step:
+                on_step(step, stats)
+        out_of_time = config.time_limit_minutes > 0 and time.time() - started > 60 * config.time_limit_minutes
+        if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "ema_unet": ema_unet.shadow,
+                    "ema_text": ema_text.shadow,
+                    "step": step,
+                },
+            )
+        if evaluate and config.eval_every and step % config.eval_every == 0:
+            evaluate(ema_unet, ema_text, tokenizer, step)
+        if out_of_time:
+            break
+    log.plot(run_dir / "loss.png")
+    return ckpt_path

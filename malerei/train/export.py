@@ -1,0 +1,69 @@
+"""Assemble trained parts into a standard diffusers StableDiffusionPipeline folder (safetensors).
+
+Stock diffusers loads the result with no malerei code; `malerei.json` beside it carries the
+defaults malerei uses for this model (sampler, steps, CFG, size, guidance rescale).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MODEL_DEFAULTS = {
+    "sampler": "Euler",
+    "scheduler": "Automatic",
+    "steps": 20,
+    "cfg_scale": 5.0,
+    "guidance_rescale": 0.7,
+    "width": 64,
+    "height": 64,
+}
+
+
+def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use_ema: bool = True):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from malerei.train.common import load_checkpoint
+    from malerei.train.diffusion import DiffusionConfig, build_text_encoder, build_unet, scheduler_config
+    from malerei.train.vae import load_trained_vae
+
+    raw = json.loads((diffusion_run / "config.json").read_text())
+    raw["block_out_channels"] = tuple(raw["block_out_channels"])
+    config = DiffusionConfig(**raw)
+    tokenizer = CLIPTokenizer.from_pretrained(str(diffusion_run / "tokenizer"), local_files_only=True)
+    state = load_checkpoint(diffusion_run / "checkpoint.pt")
+    text_encoder = build_text_encoder(
+        config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id
+    )
+    vae = load_trained_vae(vae_run)
+    unet = build_unet(config, vae.config.latent_channels)
+    unet.load_state_dict(state["ema_unet"] if use_ema else state["unet"])
+    text_encoder.load_state_dict(state["ema_text"] if use_ema else state["text_encoder"])
+    scale = json.loads((latents_dir / "scale.json").read_text())["scaling_factor"]
+    vae.register_to_config(scaling_factor=scale)
+    scheduler = EulerDiscreteScheduler.from_config(scheduler_config(config))
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe, {"steps": state["step"]}
+
+
+def export_pipeline(pipe, out_dir: Path, *, dtype: torch.dtype = torch.float16, extra_info: dict | None = None) -> Path:
+    """Save as a diffusers folder in safetensors; fp16 halves the size (the repo ships it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.to(dtype=torch.float32)
+    info = {**MODEL_DEFAULTS, **(extra_info or {})}
+    (out_dir / "malerei.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
