@@ -118,27 +118,40 @@ class RealEngine:
         except MalereiError as exc:
             return results + [EngineResult(job_id=r.job_id, error_code="model_error", error_message=str(exc))
                               for r in runnable]
+        # Parameters each job got wrong fail that job alone; the rest run together.
+        from malerei.engine.pipeline import resolve_params
+
+        good = []
         for request in runnable:
             try:
-                results.append(self._txt2img(model, request, on_progress, is_cancelled))
-            except Cancelled:
-                raise
+                resolve_params(model, generation_params(request.params))
+                good.append(request)
             except MalereiError as exc:
                 results.append(EngineResult(job_id=request.job_id, error_code="invalid_parameter",
                                             error_message=str(exc)))
+        if good:
+            try:
+                results.extend(self._txt2img(model, good, on_progress, is_cancelled))
+            except Cancelled:
+                raise
+            except MalereiError as exc:
+                results.extend(EngineResult(job_id=r.job_id, error_code="invalid_parameter", error_message=str(exc))
+                               for r in good)
         return results
 
-    def _txt2img(self, model: Any, request: EngineRequest, on_progress: ProgressFn,
-                 is_cancelled: CancelFn) -> EngineResult:
-        from malerei.engine.pipeline import generate
+    def _txt2img(self, model: Any, requests: Sequence[EngineRequest], on_progress: ProgressFn,
+                 is_cancelled: CancelFn) -> list[EngineResult]:
+        from malerei.serve.jobs.batched import generate_many
 
         def progress(step: int, total: int, latents: Any = None) -> None:
             on_progress(step, total, preview_image(model, latents))
 
-        images = generate(model, generation_params(request.params), progress=progress, cancel=is_cancelled,
-                          preview_every=self.preview_every, models_dir=self.catalog.models_dir)
-        return EngineResult(job_id=request.job_id, images=[
+        batches = generate_many(model, [generation_params(r.params) for r in requests], progress=progress,
+                                cancel=is_cancelled, preview_every=self.preview_every,
+                                models_dir=self.catalog.models_dir)
+        return [EngineResult(job_id=r.job_id, images=[
             EngineImage(image=g.image, seed=g.seed, infotext=g.infotext, recipe=g.recipe) for g in images])
+            for r, images in zip(requests, batches)]
 
 
 def preview_image(model: Any, latents: Any) -> Image.Image | None:
