@@ -79,7 +79,7 @@ class GenerationParams:
     prompt: str
     negative_prompt: str = ""
     sampler: str | None = None  # A1111 sampler name ("Euler a", "DPM++ 2M", ...); None -> model default
-    scheduler: str = "Automatic"  # A1111 "Schedule type" ("Karras", "Exponential", ...)
+    scheduler: str | None = "Automatic"  # A1111 "Schedule type" ("Karras", ...); None -> model default
     steps: int | None = None
     cfg_scale: float | None = None
     seed: int = -1  # negative: pick one at random (recorded in the result)
@@ -183,14 +183,46 @@ def check_size(width, height, multiple: int = 8) -> None:
                                    f"allowed: multiples of {multiple} from {MIN_SIDE} to {MAX_SIDE}")
 
 
-def resolve_params(model: LoadedModel, params: GenerationParams) -> ResolvedParams:
-    """Step 1: fill in model defaults, pick random seeds where asked, check every value."""
+def check_request(params: GenerationParams) -> None:
+    """The checks that need no model (the CLI and the service run them before loading one).
+
+    Values left to the model's defaults (``None``) are checked later, by :func:`resolve_params`.
+    """
     from malerei.engine import noise, prompts, samplers
 
     if not isinstance(params, GenerationParams):
         raise InvalidParameter(f"params must be GenerationParams, got {type(params).__name__}")
     prompts.validate_prompt(params.prompt)
     prompts.validate_prompt(params.negative_prompt, what="negative prompt")
+    if params.width is not None or params.height is not None:
+        check_size(params.width if params.width is not None else 64,
+                   params.height if params.height is not None else 64)
+    if params.steps is not None:
+        _check_int("steps", params.steps, 1, MAX_STEPS)
+    if params.cfg_scale is not None:
+        _check_float("cfg scale", params.cfg_scale, 0.0, MAX_CFG)
+    batch = _check_int("batch size", params.batch_size, 1, MAX_BATCH)
+    if params.clip_skip is not None:
+        _check_int("clip skip", params.clip_skip, 1, MAX_CLIP_SKIP)
+    if params.guidance_rescale is not None:
+        _check_float("guidance rescale", params.guidance_rescale, 0.0, 1.0)
+    strength = _check_float("variation strength", params.subseed_strength, 0.0, 1.0)
+    if params.sampler:
+        samplers.resolve(params.sampler, params.scheduler or "Automatic")
+    elif params.scheduler:
+        samplers.find_schedule(params.scheduler)
+    noise.resolve_seed(params.subseed)  # type and range; negative means random
+    if noise.resolve_seed(params.seed) == params.seed:
+        noise.batch_seeds(params.seed, batch)
+    if strength > 0 and params.subseed >= 0:
+        noise.batch_seeds(params.subseed, batch)
+
+
+def resolve_params(model: LoadedModel, params: GenerationParams) -> ResolvedParams:
+    """Step 1: fill in model defaults, pick random seeds where asked, check every value."""
+    from malerei.engine import noise, samplers
+
+    check_request(params)
     pipe = model.pipe
     side = _native_side(pipe)
     width = params.width if params.width is not None else _default(model, "width", side)
@@ -200,12 +232,13 @@ def resolve_params(model: LoadedModel, params: GenerationParams) -> ResolvedPara
                        else _default(model, "steps", FALLBACK_DEFAULTS["steps"]), 1, MAX_STEPS)
     cfg = _check_float("cfg scale", params.cfg_scale if params.cfg_scale is not None
                        else _default(model, "cfg_scale", FALLBACK_DEFAULTS["cfg_scale"]), 0.0, MAX_CFG)
-    batch = _check_int("batch size", params.batch_size, 1, MAX_BATCH)
+    batch = params.batch_size
     clip_skip = _check_int("clip skip", params.clip_skip if params.clip_skip is not None
                            else _default(model, "clip_skip", 1), 1, MAX_CLIP_SKIP)
     rescale = _check_float("guidance rescale", params.guidance_rescale if params.guidance_rescale is not None
                            else _default(model, "guidance_rescale", 0.0), 0.0, 1.0)
-    strength = _check_float("variation strength", params.subseed_strength, 0.0, 1.0)
+    strength = float(params.subseed_strength)
+    # An empty/None schedule type means the model's default; "Automatic" is the sampler's default.
     sampler_name = params.sampler or _default(model, "sampler", FALLBACK_DEFAULTS["sampler"])
     schedule_name = params.scheduler or _default(model, "scheduler", FALLBACK_DEFAULTS["scheduler"])
     info, schedule_key = samplers.resolve(sampler_name, schedule_name)
@@ -572,6 +605,8 @@ def infotext_fields(model: LoadedModel, job: ResolvedParams) -> dict:
 
 def _file_records(kind: str, names_weights, folder: Path) -> list[dict]:
     """name, weight, file and A1111 short hash of each LoRA / embedding used (for the recipe)."""
+    if not names_weights:
+        return []
     from malerei.engine.model_dir import hash_cache, resolve_lora, short_hash
 
     cache = hash_cache(folder)
