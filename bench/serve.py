@@ -1,0 +1,184 @@
+"""Service throughput: 1 and 8 concurrent clients over HTTP, images per second and latency.
+
+    python bench/serve.py                              # the built-in model
+    python bench/serve.py --models-dir DIR --model NAME --steps 20 --requests 6
+
+Starts ``malerei serve`` (in-process worker) on a fresh data dir pinned to 2 CPU cores, makes a
+user with credits and an API key, warms the model up, then for each concurrency level runs that
+many clients; each client submits a txt2img job (``POST /v1/jobs``), follows its progress
+events (``GET /v1/jobs/{id}/events``) to the end, and repeats. Reports images/s over the whole
+run and p50/p95 of submit-to-result latency; the goal is that 8 clients get at least 3x the
+images per second of 1, which only batching compatible jobs into one UNet call achieves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = ("import argparse, sys; from malerei.commands import serve as m; p = argparse.ArgumentParser(); "
+          "m.register(p.add_subparsers(required=True)); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, args: argparse.Namespace, cores: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-c", LAUNCH, "serve", "--port", str(port), "--data-dir", str(data_dir),
+           "--set", "rate_limit_per_minute=0", "--set", f"batch_max={args.batch_max}"]
+    if args.models_dir:
+        cmd += ["--models-dir", str(args.models_dir)]
+    if args.model:
+        cmd += ["--default-model", args.model]
+    if shutil.which("taskset") and cores:
+        cmd = ["taskset", "-c", cores, *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    log = open(data_dir / "server.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {(data_dir / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit("server did not start")
+
+
+def make_key(data_dir: Path) -> str:
+    sys.path.insert(0, str(REPO))
+    from malerei.serve import credits
+    from malerei.serve.accounts.keys import create_key
+    from malerei.serve.accounts.users import create_user
+    from malerei.serve.db.migrate import upgrade
+    from malerei.serve.db.session import Database
+
+    db = Database(f"sqlite:///{data_dir / 'malerei.db'}")
+    upgrade(db)
+    with db.write() as session:
+        user = create_user(session, "bench")
+        _, key = create_key(session, user)
+        credits.grant(session, user, 10**9)
+    db.dispose()
+    return key
+
+
+def one_job(client: httpx.Client, body: dict) -> tuple[float, int]:
+    """Submit, follow the event stream to the end; (latency seconds, images)."""
+    started = time.perf_counter()
+    job = client.post("/v1/jobs", json=body)
+    job.raise_for_status()
+    job_id = job.json()["id"]
+    done = None
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        event = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "done":
+                done = json.loads(line[6:])
+    if done is None or done["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} did not succeed: {done}")
+    return time.perf_counter() - started, len(done["images"])
+
+
+def run_level(url: str, key: str, clients: int, requests: int, body: dict) -> dict:
+    latencies: list[float] = []
+    images = 0
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client_loop(index: int) -> None:
+        nonlocal images
+        with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
+            for i in range(requests):
+                try:
+                    latency, n = one_job(client, {**body, "prompt": f"{body['prompt']} {index}-{i}",
+                                                  "seed": index * 1000 + i})
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+                with lock:
+                    latencies.append(latency)
+                    images += n
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    latencies.sort()
+    return {"clients": clients, "jobs": len(latencies), "images": images, "seconds": round(wall, 2),
+            "images_per_s": round(images / wall, 3),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models-dir", type=Path, default=None)
+    parser.add_argument("--model", default=None, help="model name (default: the built-in model)")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=6, help="jobs per client per level")
+    parser.add_argument("--levels", default="1,8")
+    parser.add_argument("--cores", default="0,1", help="CPU cores for the server (taskset); '' for all")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads; 1 avoids oversubscribing 2 cores shared with the API threads")
+    parser.add_argument("--batch-max", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="malerei-bench-"))
+    key = make_key(data_dir)
+    proc, url = start_server(data_dir, args, args.cores)
+    body = {"prompt": "a red circle", "width": args.width, "height": args.height, "steps": args.steps}
+    try:
+        with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
+            one_job(client, body)  # warm-up: model load, first-call costs
+        results = [run_level(url, key, int(level), args.requests, body) for level in args.levels.split(",")]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    print(f"{'clients':>7} {'jobs':>5} {'images/s':>9} {'p50 s':>7} {'p95 s':>7}")
+    for r in results:
+        print(f"{r['clients']:>7} {r['jobs']:>5} {r['images_per_s']:>9.3f} {r['p50_s']:>7.2f} {r['p95_s']:>7.2f}")
+    if len(results) > 1:
+        print(f"speed-up {results[-1]['clients']} vs {results[0]['clients']} clients: "
+              f"{results[-1]['images_per_s'] / results[0]['images_per_s']:.2f}x")
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(data_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
