@@ -143,6 +143,29 @@ class ResolvedParams:
 # 1. Check inputs
 
 
+def module_dtype(module):
+    """The dtype of a module's weights. diffusers' ``ModelMixin.dtype`` walks every submodule
+    (looking for offload hooks) on each access; the first parameter says the same for a loaded
+    model and costs nothing."""
+    return next(module.parameters()).dtype
+
+
+_DEVICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def execution_device(pipe):
+    """``pipe._execution_device`` (where the latents go: the GPU also under CPU offload),
+    remembered per pipeline and per place of the UNet's weights, since computing it walks every
+    module of every component."""
+    where = (next(pipe.unet.parameters()).device, hasattr(pipe.unet, "_hf_hook"))
+    known = _DEVICES.get(pipe)
+    if known is None or where not in known:
+        known = dict(known or {})
+        known[where] = pipe._execution_device
+        _DEVICES[pipe] = known
+    return known[where]
+
+
 def vae_scale_factor(pipe) -> int:
     """Pixels per latent pixel (8 for SD; 2 ** (VAE levels - 1) in general)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -418,7 +441,7 @@ class GuidedUNet:
         self.cfg_scale = cfg_scale
         self.guidance_rescale = guidance_rescale
         self.do_cfg = cfg_scale != 1.0
-        dtype = unet.dtype
+        dtype = module_dtype(unet)
         if self.do_cfg:
             self.hidden = torch.cat([embeds.uncond, embeds.cond]).to(dtype)
         else:
@@ -488,7 +511,7 @@ def _unnormalise(vae, latents: torch.Tensor) -> torch.Tensor:
 def needs_vae_upcast(pipe) -> bool:
     import torch
 
-    return pipe.vae.dtype == torch.float16 and bool(getattr(pipe.vae.config, "force_upcast", False))
+    return module_dtype(pipe.vae) == torch.float16 and bool(getattr(pipe.vae.config, "force_upcast", False))
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -503,7 +526,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
             return vae.decode(_unnormalise(vae, latents.float()), return_dict=False)[0]
         finally:
             vae.to(dtype=torch.float16)
-    return vae.decode(_unnormalise(vae, latents).to(vae.dtype), return_dict=False)[0]
+    return vae.decode(_unnormalise(vae, latents).to(module_dtype(vae)), return_dict=False)[0]
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
@@ -705,8 +728,8 @@ def run_job(
     if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
         raise InvalidParameter(f"preview_every must be a whole number >= 0, got {preview_every!r}")
     pipe = model.pipe
-    device = pipe._execution_device
-    dtype = pipe.unet.dtype
+    device = execution_device(pipe)
+    dtype = module_dtype(pipe.unet)
     if model.family == "sdxl":
         _check_sdxl_added_dims(pipe)
     prompt, negative, loras = _loras_and_texts(job)
