@@ -51,8 +51,9 @@ def _config(cls, run: Path, args: argparse.Namespace, names: dict[str, str]):
     """A run's config: the saved one when resuming, else defaults; CLI flags override either."""
     saved = run / "config.json"
     values = json.loads(saved.read_text()) if saved.exists() else {}
-    if "block_out_channels" in values:
-        values["block_out_channels"] = tuple(values["block_out_channels"])
+    for key in ("block_out_channels", "attention_levels"):
+        if key in values:
+            values[key] = tuple(values[key])
     for flag, field in names.items():
         if getattr(args, flag, None) is not None:
             values[field] = getattr(args, flag)

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 class DiffusionConfig:
     # UNet: 16x16 latents -> 8x8 -> 4x4; cross-attention at 8x8, 4x4 and in the middle, where
     # the layout is decided.
-    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 192)
+    # Which levels cross-attend to the text: only the coarse ones (8x8, 4x4 for 32x32 latents),
+    # where layout is decided and attention is cheap; the fine levels only draw edges.
+    attention_levels: tuple[bool, ...] = (False, False, True, True)
     layers_per_block: int = 1
     attention_heads: int = 4  # diffusers' `attention_head_dim` on this UNet is the number of heads
     # Text encoder: a CLIPTextModel (causal, 77 positions as Stable Diffusion's).
@@ -94,17 +97,21 @@ def build_text_encoder(config: DiffusionConfig, vocab_size: int, eos_token_id: i
     )
 
 
-def build_unet(config: DiffusionConfig, latent_channels: int = 4):
+def build_unet(config: DiffusionConfig, latent_channels: int = 4, sample_size: int = 32):
     from diffusers import UNet2DConditionModel
 
+    if len(config.attention_levels) != len(config.block_out_channels):
+        raise ValueError("attention_levels needs one entry per block_out_channels entry")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         block_out_channels=tuple(config.block_out_channels),
         layers_per_block=config.layers_per_block,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         cross_attention_dim=config.text_hidden,
         attention_head_dim=config.attention_heads,
         norm_num_groups=32,
@@ -188,7 +195,7 @@ def train_diffusion(
     text_encoder = build_text_encoder(
         config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id
     ).to(device)
-    unet = build_unet(config, latents.shape[1]).to(device)
+    unet = build_unet(config, latents.shape[1], latents.shape[-1]).to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     ema_unet, ema_text = EMA(unet, config.ema_decay), EMA(text_encoder, config.ema_decay)

@@ -32,6 +32,7 @@ def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use
 
     raw = json.loads((diffusion_run / "config.json").read_text())
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
+    raw["attention_levels"] = tuple(raw.get("attention_levels", ()))
     config = DiffusionConfig(**raw)
     tokenizer = CLIPTokenizer.from_pretrained(str(diffusion_run / "tokenizer"), local_files_only=True)
     state = load_checkpoint(diffusion_run / "checkpoint.pt")
@@ -39,7 +40,7 @@ def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use
         config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id
     )
     vae = load_trained_vae(vae_run)
-    unet = build_unet(config, vae.config.latent_channels)
+    unet = build_unet(config, vae.config.latent_channels, 64 // 2 ** (len(vae.config.block_out_channels) - 1))
     unet.load_state_dict(state["ema_unet"] if use_ema else state["unet"])
     text_encoder.load_state_dict(state["ema_text"] if use_ema else state["text_encoder"])
     scale = json.loads((latents_dir / "scale.json").read_text())["scaling_factor"]

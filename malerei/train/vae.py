@@ -23,6 +23,7 @@ import torch.nn.functional as F
 class VAEConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # 3 levels = 4x downsampling: 64 px -> 16x16 latent
     layers_per_block: int = 2
+    mid_block_attention: bool = True  # attention over every latent cell: costly on CPU, little use for flat shapes
     latent_channels: int = 4  # the Stable Diffusion layout; shapes need no more (measured: edges limit, not channels)
     batch_size: int = 64
     lr: float = 3e-4
@@ -50,6 +51,7 @@ def build_vae(config: VAEConfig):
         layers_per_block=config.layers_per_block,
         latent_channels=config.latent_channels,
         norm_num_groups=min(32, config.block_out_channels[0]),
+        mid_block_add_attention=config.mid_block_attention,
         sample_size=64,
     )
 
