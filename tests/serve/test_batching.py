@@ -15,7 +15,7 @@ from malerei.serve.jobs.batching import batch_key
 def test_generate_many_equals_one_by_one_with_one_unet_call_per_step(tiny_sd1):
     from malerei.engine.loading import load_model
     from malerei.engine.pipeline import GenerationParams, generate
-    from malerei.serve.jobs.batched import generate_many
+    from malerei.engine.batch import generate_many
 
     model = load_model(tiny_sd1.folder)
     common = dict(width=64, height=64, steps=3, sampler="Euler a")

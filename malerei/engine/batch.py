@@ -8,8 +8,8 @@ row. Jobs must agree on what shapes the loop: model, size, sampler, schedule, st
 and guidance rescale (the worker's batch key). Jobs with LoRA tags change the model and
 embedding users need their own recipe records, so those run one by one through ``run_job``.
 
-It lives in the service (it uses pipeline internals); when the engine offers a batched entry
-point of its own, ``RealEngine`` should call that instead.
+The service's worker batches compatible queued jobs with it, and ``malerei eval`` generates its
+prompt list with it.
 """
 
 from __future__ import annotations
