@@ -361,9 +361,15 @@ def cmd_generate(args) -> int:
     jobs = plan(args)
     from malerei.engine.model_dir import resolve_model
 
-    resolve_model(jobs.model, args.models_dir)  # a missing model fails here, before heavy imports
+    path = resolve_model(jobs.model, args.models_dir)  # a missing model fails here, before heavy imports
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from malerei.engine.checkpoint_files import read_safetensors_header
+
+        read_safetensors_header(path)  # and so does a corrupt or truncated file
     out = _prepare_out(args.out if args.out is not None else DEFAULT_OUT)
     _quiet_libraries()
+    import torch
+
     from malerei.engine import metadata
     from malerei.engine.pipeline import generate
 
@@ -376,7 +382,14 @@ def cmd_generate(args) -> int:
     with _Progress(len(jobs.jobs)) as progress:
         for index, job in enumerate(jobs.jobs):
             update, done = progress.job(index, job.params.seed, job.params.batch_size)
-            results = generate(model, job.params, progress=update, preview_every=0, models_dir=args.models_dir)
+            try:
+                results = generate(model, job.params, progress=update, preview_every=0,
+                                   models_dir=args.models_dir)
+            except torch.OutOfMemoryError:
+                raise InvalidParameter(
+                    f"out of {model.pipe.device.type} memory at {job.params.width or 'default'} x "
+                    f"{job.params.height or 'default'}, batch {job.params.batch_size}; try a smaller size or "
+                    "batch, --attention-slicing, --vae-tiling or --cpu-offload model") from None
             done()
             for i, result in enumerate(results):
                 if job.pick is not None and i != job.pick:
