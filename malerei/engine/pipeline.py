@@ -492,6 +492,50 @@ def _check_sdxl_added_dims(pipe) -> None:
 # 5. Decode
 
 
+def pil_to_tensor(images, *, width: int, height: int) -> torch.Tensor:
+    """PIL images (resized to ``width`` x ``height`` with Lanczos if needed) -> a batch in [-1, 1]."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    rows = []
+    for image in images:
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+        rows.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return torch.stack(rows)
+
+
+def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> latents scaled like sampled ones (the inverse of :func:`decode`'s
+    normalisation), using the posterior mean, so an init image gives the same latents every
+    time. For img2img / inpainting jobs: pass the result to :func:`run_job` as ``init_latents``."""
+    import torch
+
+    vae = pipe.vae
+    param = next(vae.parameters())
+    upcast = needs_vae_upcast(pipe)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        dtype = torch.float32 if upcast else param.dtype
+        raw = vae.encode(pixels.to(param.device, dtype), return_dict=True).latent_dist.mean
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+    config = vae.config
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, raw.shape[1], 1, 1)
+        mean_t = torch.tensor(mean).view(shape).to(raw.device, raw.dtype)
+        std_t = torch.tensor(std).view(shape).to(raw.device, raw.dtype)
+        return (raw - mean_t) * config.scaling_factor / std_t
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return (raw - shift) * config.scaling_factor
+
+
 def _unnormalise(vae, latents: torch.Tensor) -> torch.Tensor:
     import torch
 
@@ -759,6 +803,13 @@ def run_job(
         streams = noise.ImageNoise.for_batch(job.seed, job.batch_size, subseed=job.subseed,
                                              subseed_strength=job.subseed_strength)
         start = streams.initial(shape, device=device, dtype=embeds.cond.dtype)
+        if init_latents is not None:
+            init_latents = init_latents.to(device=device, dtype=start.dtype)
+            if init_latents.shape[0] == 1 and job.batch_size > 1:
+                init_latents = init_latents.expand(job.batch_size, -1, -1, -1)
+            if init_latents.shape != start.shape:
+                raise InvalidParameter(f"init latents of shape {tuple(init_latents.shape)} do not fit a "
+                                       f"{job.width}x{job.height} batch of {job.batch_size}")
 
         # 4. Sample
         latents = samplers.sample(

@@ -284,3 +284,49 @@ def test_lora_tag_applies_for_the_job_only(tiny_models_dir):
     assert fields["Prompt"] == "a red circle <lora:tiny-kohya:1.0>"
     assert "tiny-kohya" in fields["Lora hashes"]
     assert with_lora.recipe["loras"][0]["name"] == "tiny-kohya"
+
+
+def test_run_job_img2img_and_blend_hooks(models):
+    """The extension points a later img2img/inpainting job uses: init latents + strength, and a
+    blend hook that can pin latents to the init image (here: everywhere)."""
+    from PIL import Image
+
+    from malerei.engine.pipeline import decode, encode_latents, pil_to_tensor, resolve_params, run_job, to_pil
+
+    model = models["sd1"]
+    card = Image.new("RGB", (64, 64), (200, 40, 40))
+    card.paste((30, 60, 220), (0, 32, 64, 64))
+    with torch.inference_mode():
+        init = encode_latents(model.pipe, pil_to_tensor([card], width=64, height=64))
+        reconstructed = np.asarray(to_pil(decode(model.pipe, init))[0], dtype=np.int16)
+    job = resolve_params(model, GenerationParams(prompt="a cat", sampler="Euler", steps=6, seed=3, batch_size=2))
+
+    # A UNet that predicts zero noise leaves Euler's latents where they start: txt2img stays at
+    # the initial noise, img2img at the init latents plus the (small, at low strength) start
+    # noise. Compared in latent space (the random tiny VAE's decoder amplifies any difference).
+    finals = {}
+
+    def keep(name):
+        return lambda step, total, latents: finals.__setitem__(name, latents.clone())
+
+    handle = model.pipe.unet.register_forward_hook(lambda module, args, out: (torch.zeros_like(out[0]),))
+    try:
+        run_job(model, job, progress=keep("txt2img"))
+        [light, _] = run_job(model, job, init_latents=init, strength=0.05, kind="img2img", progress=keep("img2img"))
+    finally:
+        handle.remove()
+    assert light.recipe["kind"] == "img2img"
+    assert (finals["img2img"] - init).abs().mean() < 0.1 * init.abs().mean() + 0.05
+    assert (finals["txt2img"] - init).abs().mean() > 1.0
+
+    levels = []
+
+    def pin(x, i, level):
+        levels.append(i)
+        return level.noised(init.expand_as(x), torch.zeros_like(x))
+
+    [pinned, _] = run_job(model, job, init_latents=init, strength=1.0, blend=pin)
+    assert levels == list(range(6))
+    assert np.abs(pixels(pinned) - reconstructed).max() <= 1
+    with pytest.raises(InvalidParameter, match="do not fit"):
+        run_job(model, job, init_latents=init[:, :, :4])
