@@ -128,6 +128,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, services: Se
     errors.document_errors(app)
     for module in (system, account, jobs, gallery, admin, openai, a1111, stability):
         app.include_router(module.router)
+    from malerei.serve.web.router import router as web_page  # the web page at / (malerei/serve/web/)
+    app.include_router(web_page)
     max_body = int(settings.max_upload_bytes * 2.8) + (1 << 20)
     app.add_middleware(Guard, services=services, max_body=max_body)
     return app

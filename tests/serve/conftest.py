@@ -138,7 +138,7 @@ def wait_job(client: httpx.Client, job_id: str, headers: dict, timeout: float = 
         job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
-        time.sleep(0.05)
+        time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
@@ -157,7 +157,8 @@ def served(tmp_path_factory, tiny_models_dir):
     data_dir = tmp_path_factory.mktemp("serve")
     accounts = {name: make_account(data_dir, name, admin=name == "root") for name in ("alice", "bob", "root")}
     server = Server(data_dir=data_dir, args=[*model_args(tiny_models_dir), "--set", "webhook_allow_private=true",
-                                             "--set", "webhook_backoff_s=0.2"]).start()
+                                             "--set", "webhook_backoff_s=0.2",
+                                             "--set", "rate_limit_per_minute=6000"]).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             yield server, client, accounts

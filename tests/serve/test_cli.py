@@ -59,3 +59,16 @@ def test_public_address_requires_authentication(tmp_path):
 def test_unknown_setting_is_refused(tmp_path):
     result = run_cli("serve", "--set", "no_such_thing=1", data_dir=tmp_path)
     assert result.returncode == 2 and "no_such_thing" in result.stderr
+
+
+def test_malerei_cli_lists_the_service_commands():
+    import subprocess
+    import sys
+
+    from conftest import REPO, server_env
+
+    out = subprocess.run([sys.executable, "-m", "malerei", "--help"], capture_output=True, text=True, cwd=REPO,
+                         env=server_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("serve", "worker", "users", "keys", "credits"):
+        assert command in out.stdout

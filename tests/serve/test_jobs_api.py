@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import time
 
 from PIL import Image
 
@@ -37,7 +39,8 @@ def test_txt2img_job_runs_and_stores_an_image_with_metadata(served):
 def test_events_stream_progress_and_done(served):
     server, client, accounts = served
     alice = accounts["alice"]
-    job = client.post("/v1/jobs", json={"prompt": "a blue square", **TINY, "steps": 8}, headers=alice.headers).json()
+    job = client.post("/v1/jobs", json={"prompt": "a blue square", "width": 256, "height": 256, "steps": 12},
+                      headers=alice.headers).json()
     events = []
     with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=alice.headers) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
@@ -51,7 +54,11 @@ def test_events_stream_progress_and_done(served):
     assert names[-1] == "done" and events[-1][1]["status"] == "succeeded"
     assert "state" in names
     steps = [d["step"] for n, d in events if n == "progress"]
-    assert steps == sorted(steps)
+    assert steps and steps == sorted(steps)
+    previews = [d["preview"] for n, d in events if n == "progress" and "preview" in d]
+    assert previews and previews[0].startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(previews[0].split(",", 1)[1])))
+    assert max(image.size) <= 64  # low resolution
 
 
 def test_gallery_search_download_delete(served):
@@ -75,22 +82,41 @@ def test_gallery_search_download_delete(served):
     assert client.get(f"/v1/images/{image_id}/file", headers=bob.headers).status_code == 404
 
 
-def test_cancel_running_job_stops_and_refunds(served):
+def test_cancel_running_job_stops_within_one_step_and_refunds(served):
     server, client, accounts = served
     alice = accounts["alice"]
     before = client.get("/v1/account", headers=alice.headers).json()["balance"]
-    job = client.post("/v1/jobs", json={"prompt": "slow", "width": 64, "height": 64, "steps": 150},
+    # 512 px makes a step of the tiny model slower than the worker's 0.1 s progress updates
+    job = client.post("/v1/jobs", json={"prompt": "slow", "width": 512, "height": 512, "steps": 150},
                       headers=alice.headers).json()
-    for _ in range(400):
+    for _ in range(1200):
         state = client.get(f"/v1/jobs/{job['id']}", headers=alice.headers).json()
-        if state["status"] == "running" and state["progress"]["step"] >= 1:
+        if state["status"] == "running" and state["progress"]["step"] >= 2:
             break
+        time.sleep(0.05)
     r = client.delete(f"/v1/jobs/{job['id']}", headers=alice.headers)
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.json()["cancel_requested"]
+    step_at_cancel = r.json()["progress"]["step"]
     done = wait_job(client, job["id"], alice.headers)
-    assert done["status"] == "cancelled"
-    assert done["progress"]["step"] < 150
+    assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled"
+    assert step_at_cancel <= done["progress"]["step"] <= step_at_cancel + 1
     assert client.get("/v1/account", headers=alice.headers).json()["balance"] == before
+    assert done["images"] == []
+    # cancelling again changes nothing
+    assert client.delete(f"/v1/jobs/{job['id']}", headers=alice.headers).json()["status"] == "cancelled"
+
+
+def test_cancel_queued_job_at_once(api_only):
+    server, client = api_only
+    from conftest import new_account
+
+    user = new_account(server, "canceller", credits=50)
+    job = client.post("/v1/jobs", json={"prompt": "never", "width": 64, "height": 64, "steps": 2},
+                      headers=user.headers).json()
+    assert client.get("/v1/account", headers=user.headers).json()["balance"] == 50 - job["cost"]
+    cancelled = client.delete(f"/v1/jobs/{job['id']}", headers=user.headers).json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert client.get("/v1/account", headers=user.headers).json()["balance"] == 50
 
 
 def test_unsupported_kind_fails_clearly_and_is_refunded(served):
@@ -98,8 +124,6 @@ def test_unsupported_kind_fails_clearly_and_is_refunded(served):
     alice = accounts["alice"]
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
-    import base64
-
     before = client.get("/v1/account", headers=alice.headers).json()["balance"]
     job = client.post("/v1/jobs", json={"kind": "upscale", "image": base64.b64encode(buf.getvalue()).decode()},
                       headers=alice.headers)
@@ -125,3 +149,27 @@ def test_idempotency_key(served):
     bob = accounts["bob"]
     theirs = client.post("/v1/jobs", json=body, headers={**bob.headers, "Idempotency-Key": "k-1"})
     assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_key_while_the_first_is_being_accepted(served):
+    server, client, accounts = served
+    from conftest import new_account
+    from malerei.serve.db.models import IdempotencyKey, User
+    from malerei.serve.db.session import Database
+    from malerei.serve.jobs.service import request_hash
+
+    user = new_account(server, "idem")
+    body = {"prompt": "in flight", **TINY}
+    db = Database(f"sqlite:///{server.data_dir / 'malerei.db'}")
+    with db.write() as session:  # what the first request leaves while it is still running
+        user_id = session.query(User).filter_by(name=user.name).one().id
+        parsed = {"kind": "txt2img", "model": None, "webhook_url": None, "prompt": "in flight",
+                  "negative_prompt": "", "sampler": None, "scheduler": "Automatic", "steps": 4, "cfg_scale": None,
+                  "seed": -1, "subseed": -1, "subseed_strength": 0.0, "width": 64, "height": 64, "batch_size": 1}
+        session.add(IdempotencyKey(user_id=user_id, key="busy", request_hash=request_hash(parsed), state="pending",
+                                   created_at=time.time()))
+    db.dispose()
+    r = client.post("/v1/jobs", json=body, headers={**user.headers, "Idempotency-Key": "busy"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_in_use"
+    r = client.post("/v1/jobs", json={**body, "prompt": "other"}, headers={**user.headers, "Idempotency-Key": "busy"})
+    assert r.status_code == 422

@@ -124,14 +124,14 @@ def test_kill_9_worker_at_random_points(tmp_path, tiny_models_dir):
     # nothing lost, nothing stored twice
     succeeded = 0
     for job in jobs:
-        state, attempts, code, n_images = rows(db, "SELECT status, attempts, error_code, n_images FROM jobs "
-                                                   "WHERE id=?", job["id"])[0]
+        state, attempts, code, n_images, message = rows(db, "SELECT status, attempts, error_code, n_images, "
+                                                            "error_message FROM jobs WHERE id=?", job["id"])[0]
         indexes = sorted(i for (i,) in rows(db, "SELECT \"index\" FROM images WHERE job_id=?", job["id"]))
         if state == "succeeded":
             succeeded += 1
             assert indexes == list(range(n_images)), (job["id"], indexes)
         else:  # unlucky: killed in three batches in a row
-            assert (state, attempts, code) == ("failed", 3, "worker_died") and indexes == []
+            assert (state, attempts, code) == ("failed", 3, "worker_died") and indexes == [], message
     assert succeeded >= len(jobs) - 3
     on_disk = sorted(str(p.relative_to(tmp_path / "images")) for p in (tmp_path / "images").rglob("*")
                      if p.is_file())

@@ -141,7 +141,7 @@ class RealEngine:
 
     def _txt2img(self, model: Any, requests: Sequence[EngineRequest], on_progress: ProgressFn,
                  is_cancelled: CancelFn) -> list[EngineResult]:
-        from malerei.serve.jobs.batched import generate_many
+        from malerei.engine.batch import generate_many
 
         def progress(step: int, total: int, latents: Any = None) -> None:
             on_progress(step, total, preview_image(model, latents))

@@ -142,9 +142,11 @@ class Worker:
         ids = [j.id for j in jobs]
         last_write = 0.0
         last_preview = 0.0
+        done_steps = [0, 0]  # step, total: the last step finished, recorded when a job is cancelled
 
         def on_progress(step: int, total: int, preview: PILImage.Image | None) -> None:
             nonlocal last_write, last_preview
+            done_steps[:] = [step, total]
             now = time.monotonic()
             want_preview = preview is not None and now - last_preview >= self.services.settings.preview_every_s
             if step < total and now - last_write < 0.1 and not want_preview:
@@ -161,6 +163,7 @@ class Worker:
             results = self.engine.run_batch(self._requests(jobs), on_progress, is_cancelled)
         except Cancelled:
             stopped = queue.cancel_requested(ids)
+            queue.report_progress(self.worker_id, ids, done_steps[0], done_steps[1] or jobs[0].progress_total, None)
             for job_id in ids:
                 if job_id in stopped:
                     queue.cancel_running(self.worker_id, job_id)

@@ -1,0 +1,1 @@
+"""The web page: static HTML/CSS/ES modules (``static/``) and the router that serves them at ``/``."""
