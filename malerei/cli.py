@@ -13,8 +13,12 @@ import sys
 # Module names under malerei.commands, in the order `malerei --help` lists them.
 COMMAND_MODULES = [
     "generate",
+    "edit",
+    "enlarge",
+    "grid",
     "world",
     "train",
+    "evaluate",
     "serve",
 ]
 

@@ -114,5 +114,5 @@ def run_export(args: argparse.Namespace) -> int:
     from malerei.train.export import build_pipeline, export_pipeline
 
     pipe, info = build_pipeline(args.vae, args.latents, args.unet)
-    print(export_pipeline(pipe, args.out, extra_info={"trained_steps": info["steps"]}))
+    print(export_pipeline(pipe, args.out, training={"unet_steps": info["steps"]}))
     return 0

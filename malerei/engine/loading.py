@@ -72,7 +72,16 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------
 # defaults
 
-_DEFAULT_KEYS = {"sampler": str, "scheduler": str, "steps": int, "cfg_scale": (int, float), "width": int, "height": int}
+_DEFAULT_KEYS = {
+    "sampler": str,
+    "scheduler": str,
+    "steps": int,
+    "cfg_scale": (int, float),
+    "width": int,
+    "height": int,
+    "clip_skip": int,
+    "guidance_rescale": (int, float),
+}
 
 
 def read_defaults(path: Path) -> dict:

@@ -59,12 +59,17 @@ def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use
     return pipe, {"steps": state["step"]}
 
 
-def export_pipeline(pipe, out_dir: Path, *, dtype: torch.dtype = torch.float16, extra_info: dict | None = None) -> Path:
-    """Save as a diffusers folder in safetensors; fp16 halves the size (the repo ships it)."""
+def export_pipeline(pipe, out_dir: Path, *, training: dict | None = None) -> Path:
+    """Save as a diffusers folder in float32 safetensors.
+
+    Not float16, though it would halve the size: transformers 5 loads a text encoder in the dtype
+    it was saved in while diffusers loads the UNet in float32, so a stock
+    ``StableDiffusionPipeline.from_pretrained(folder)`` of a float16 folder fails on mixed dtypes.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.to(dtype=dtype)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
     pipe.to(dtype=torch.float32)
-    info = {**MODEL_DEFAULTS, **(extra_info or {})}
-    (out_dir / "malerei.json").write_text(json.dumps(info, indent=2) + "\n")
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "malerei.json").write_text(json.dumps(MODEL_DEFAULTS, indent=2) + "\n")
+    if training:
+        (out_dir / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     return out_dir

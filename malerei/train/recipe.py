@@ -1,0 +1,103 @@
+"""The whole built-in model recipe, from nothing to the shipped folder, sized to a time budget.
+
+    malerei train all --runs ~/malerei-runs --out malerei/models/shapes \
+        --vae-minutes 40 --unet-minutes 120
+
+Each step is also its own command (`malerei world render`, `malerei train vae|latents|unet|export`);
+this one runs them in order and sizes the step counts: it times a short probe of each loop on
+this machine and sets the run's total steps so that the learning-rate schedule ends when the
+budget does. Step counts are fixed in the run's config.json at the first start, so running the
+same command again after a stop resumes the same schedule (a GPU sizes a longer one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from malerei.train.diffusion import DiffusionConfig, prepare_latents, train_diffusion
+from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
+
+
+@dataclass
+class RecipeConfig:
+    runs: Path  # run directories (data, vae, latents, unet): outside the repo, may be large
+    out: Path  # the exported diffusers folder
+    n_images: int = 60_000  # renders; each is seen several times in a CPU budget
+    vae_minutes: float = 40.0
+    unet_minutes: float = 120.0
+    device: str = "auto"
+    vae: VAEConfig = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, mid_block_attention=False,
+                               batch_size=16, lr=1e-3, warmup=100)
+    unet: DiffusionConfig = DiffusionConfig(batch_size=32, lr=5e-4, warmup=300)
+
+
+def _sized_steps(probe: Callable[[Path, int], None], scratch: Path, minutes: float, probe_steps: int = 8) -> int:
+    """Steps that fill `minutes`, from the time of `probe_steps` steps after one warm-up step."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    probe(scratch, 1)
+    t = time.time()
+    probe(scratch, 1 + probe_steps)
+    per_step = (time.time() - t) / probe_steps
+    shutil.rmtree(scratch, ignore_errors=True)
+    return max(int(minutes * 60 / per_step), 10)
+
+
+def run_recipe(config: RecipeConfig, *, log: Callable[[str], None] = print,
+               on_step: Callable[[str, int, dict], None] | None = None) -> Path:
+    from malerei.train.export import build_pipeline, export_pipeline
+    from malerei.world.shards import ShardSpec, read_shards, write_shards
+
+    runs = config.runs
+    runs.mkdir(parents=True, exist_ok=True)
+
+    # 1. Data
+    write_shards(runs / "data", n=config.n_images, seed=0, spec=ShardSpec())
+    images, _ = read_shards(runs / "data")
+    log(f"data: {len(images)} renders in {runs / 'data'}")
+
+    # 2. VAE
+    vae_run = runs / "vae"
+    vae_cfg = replace(config.vae, device=config.device, time_limit_minutes=config.vae_minutes)
+    if (vae_run / "config.json").exists():
+        vae_cfg = replace(vae_cfg, steps=json.loads((vae_run / "config.json").read_text())["steps"])
+    else:
+        def probe(d: Path, steps: int) -> None:
+            train_vae(replace(vae_cfg, steps=steps, checkpoint_every=10**9, time_limit_minutes=0), images, d)
+        vae_cfg = replace(vae_cfg, steps=_sized_steps(probe, runs / "probe", config.vae_minutes))
+    log(f"vae: {vae_cfg.steps} steps")
+    train_vae(vae_cfg, images, vae_run, on_step=(lambda s, st: on_step("vae", s, st)) if on_step else None)
+    metrics = evaluate_vae(load_trained_vae(vae_run))
+    (vae_run / "eval.json").write_text(json.dumps(metrics, indent=2))
+    log(f"vae: {json.dumps(metrics)}")
+
+    # 3. Latents (again whenever the VAE moved on)
+    lat = runs / "latents"
+    stamp = (vae_run / "checkpoint.pt").stat().st_mtime
+    if not (lat / "latents.pt").exists() or json.loads((lat / "scale.json").read_text()).get("vae_mtime") != stamp:
+        prepare_latents(runs / "data", vae_run, lat)
+        scale = json.loads((lat / "scale.json").read_text())
+        (lat / "scale.json").write_text(json.dumps({**scale, "vae_mtime": stamp}))
+    log("latents: ready")
+
+    # 4. Text encoder + UNet
+    unet_run = runs / "unet"
+    unet_cfg = replace(config.unet, device=config.device, time_limit_minutes=config.unet_minutes)
+    if (unet_run / "config.json").exists():
+        unet_cfg = replace(unet_cfg, steps=json.loads((unet_run / "config.json").read_text())["steps"])
+    else:
+        def probe(d: Path, steps: int) -> None:
+            train_diffusion(replace(unet_cfg, steps=steps, checkpoint_every=10**9, time_limit_minutes=0), lat, d)
+        unet_cfg = replace(unet_cfg, steps=_sized_steps(probe, runs / "probe", config.unet_minutes))
+    log(f"unet: {unet_cfg.steps} steps")
+    train_diffusion(unet_cfg, lat, unet_run, on_step=(lambda s, st: on_step("unet", s, st)) if on_step else None)
+
+    # 5. Export
+    pipe, info = build_pipeline(vae_run, lat, unet_run)
+    export_pipeline(pipe, config.out, training={"unet_steps": info["steps"]})
+    log(f"exported {config.out} (UNet step {info['steps']} of {unet_cfg.steps})")
+    return config.out
