@@ -173,3 +173,52 @@ def test_idempotency_key_while_the_first_is_being_accepted(served):
     assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_in_use"
     r = client.post("/v1/jobs", json={**body, "prompt": "other"}, headers={**user.headers, "Idempotency-Key": "busy"})
     assert r.status_code == 422
+
+
+def _png_b64(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _result(client, headers, job) -> Image.Image:
+    assert job.status_code == 202, job.text
+    done = wait_job(client, job.json()["id"], headers)
+    assert done["status"] == "succeeded", done
+    return Image.open(io.BytesIO(client.get(done["images"][0]["url"], headers=headers).content)).convert("RGB")
+
+
+def test_img2img_inpaint_outpaint(served):
+    import numpy as np
+
+    from conftest import new_account
+
+    server, client, _ = served
+    user = new_account(server, "painter")
+    h = user.headers
+    source = Image.new("RGB", (64, 64), (30, 200, 90))
+    source.paste((220, 20, 20), (8, 8, 56, 24))
+    common = {"prompt": "a red circle", "steps": 4, "seed": 5}
+
+    out = _result(client, h, client.post("/v1/jobs", json={"kind": "img2img", "init_image": _png_b64(source),
+                                                            "denoising_strength": 0.5, **common}, headers=h))
+    assert out.size == (64, 64)
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 24, 64))  # repaint the left part only
+    out = _result(client, h, client.post("/v1/jobs", json={"kind": "inpaint", "init_image": _png_b64(source),
+                                                            "mask_image": _png_b64(mask), "mask_blur": 2,
+                                                            "denoising_strength": 1.0, **common}, headers=h))
+    kept = np.asarray(out)[:, 40:]
+    assert (kept == np.asarray(source)[:, 40:]).all()  # far from the mask: the input's own pixels
+    assert (np.asarray(out)[:, :16] != np.asarray(source)[:, :16]).any()  # the masked part was repainted
+
+    out = _result(client, h, client.post("/v1/jobs", json={"kind": "outpaint", "init_image": _png_b64(source),
+                                                            "left": 16, "bottom": 8, **common}, headers=h))
+    assert out.size == (80, 72)
+    assert (np.asarray(out)[8:40, 40:72] == np.asarray(source)[8:40, 24:56]).all()
+
+    bad_mask = _png_b64(Image.new("L", (32, 32), 255))
+    r = client.post("/v1/jobs", json={"kind": "inpaint", "init_image": _png_b64(source), "mask_image": bad_mask,
+                                      **common}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "mask_size_mismatch"

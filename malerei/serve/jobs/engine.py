@@ -66,14 +66,34 @@ def unsupported(request: EngineRequest) -> EngineResult:
 
 
 # ----------------------------------------------------------------------------- the real engine
-def supported_kinds() -> set[str]:
-    """Job kinds the installed engine can run (checked by looking for its functions)."""
-    import importlib.util
+# Each job kind and the engine functions it needs ("module:function"). A kind is supported when
+# all of them exist; upscale and restore switch on when malerei.restore provides these.
+KIND_SUPPORT: dict[str, tuple[str, ...]] = {
+    "txt2img": ("malerei.engine.pipeline:generate", "malerei.engine.pipeline:run_job"),
+    "img2img": ("malerei.engine.pipeline:run_job", "malerei.engine.pipeline:encode_latents",
+                "malerei.engine.pipeline:pil_to_tensor"),
+    "inpaint": ("malerei.engine.pipeline:run_job", "malerei.engine.pipeline:encode_latents",
+                "malerei.engine.pipeline:pil_to_tensor"),
+    "outpaint": ("malerei.engine.pipeline:run_job", "malerei.engine.pipeline:encode_latents",
+                 "malerei.engine.pipeline:pil_to_tensor"),
+    "upscale": ("malerei.restore.upscale:upscale",),
+    "restore": ("malerei.restore.faces:restore",),
+}
 
-    kinds = set()
-    if importlib.util.find_spec("malerei.engine.pipeline") is not None:
-        kinds.add("txt2img")
-    return kinds
+
+def _has(target: str) -> bool:
+    import importlib
+
+    module, _, name = target.partition(":")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+def supported_kinds() -> set[str]:
+    """Job kinds the installed engine can run (those whose functions all exist)."""
+    return {kind for kind, needs in KIND_SUPPORT.items() if all(_has(t) for t in needs)}
 
 
 class RealEngine:
@@ -129,15 +149,33 @@ class RealEngine:
             except MalereiError as exc:
                 results.append(EngineResult(job_id=request.job_id, error_code="invalid_parameter",
                                             error_message=str(exc)))
-        if good:
+        txt = [r for r in good if r.kind == "txt2img"]
+        groups = ([txt] if txt else []) + [[r] for r in good if r.kind != "txt2img"]
+        for group in groups:
             try:
-                results.extend(self._txt2img(model, good, on_progress, is_cancelled))
+                if group[0].kind == "txt2img":
+                    results.extend(self._txt2img(model, group, on_progress, is_cancelled))
+                else:
+                    results.append(self._image_job(model, group[0], on_progress, is_cancelled))
             except Cancelled:
                 raise
             except MalereiError as exc:
                 results.extend(EngineResult(job_id=r.job_id, error_code="invalid_parameter", error_message=str(exc))
-                               for r in good)
+                               for r in group)
         return results
+
+    def _image_job(self, model: Any, request: EngineRequest, on_progress: ProgressFn,
+                   is_cancelled: CancelFn) -> EngineResult:
+        from malerei.serve.jobs.image_kinds import run_image_job
+
+        def progress(step: int, total: int, latents: Any = None) -> None:
+            on_progress(step, total, preview_image(model, latents))
+
+        images = run_image_job(model, request.kind, generation_params(request.params), request.images,
+                               request.params, progress=progress, cancel=is_cancelled,
+                               preview_every=self.preview_every, models_dir=self.catalog.models_dir)
+        return EngineResult(job_id=request.job_id, images=[
+            EngineImage(image=g.image, seed=g.seed, infotext=g.infotext, recipe=g.recipe) for g in images])
 
     def _txt2img(self, model: Any, requests: Sequence[EngineRequest], on_progress: ProgressFn,
                  is_cancelled: CancelFn) -> list[EngineResult]:
