@@ -14,6 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the built-in model (VAE, text encoder + UNet) on shapes-world data")
     tsub = p.add_subparsers(dest="train_command", metavar="STEP", required=True)
 
+    a = tsub.add_parser("all", help="the whole recipe (render, VAE, latents, text encoder + UNet, export) in a time budget")
+    a.add_argument("--runs", type=Path, required=True, help="run directories (outside the repo)")
+    a.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
+    a.add_argument("--images", type=int, default=60_000, help="renders to train on")
+    a.add_argument("--vae-minutes", type=float, default=40.0)
+    a.add_argument("--unet-minutes", type=float, default=120.0)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    a.set_defaults(func=run_all)
+
     v = tsub.add_parser("vae", help="train the VAE on rendered shards")
     v.add_argument("--data", type=Path, required=True)
     v.add_argument("--run", type=Path, required=True)
@@ -72,6 +82,29 @@ def _progress(total: int, start: int, label: str, fields: list[str]):
         bar.update(task, completed=step, stats="  ".join(f"{k} {stats[k]:.4g}" for k in fields if k in stats))
 
     return bar, on_step
+
+
+def run_all(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from malerei.engine.errors import InvalidParameter
+    from malerei.train.recipe import RecipeConfig, run_recipe
+
+    if args.images < 100 or args.vae_minutes <= 0 or args.unet_minutes <= 0:
+        raise InvalidParameter("--images must be at least 100 and the minutes positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = RecipeConfig(runs=args.runs, out=args.out, n_images=args.images, vae_minutes=args.vae_minutes,
+                          unet_minutes=args.unet_minutes, device=args.device)
+    def on_step(stage: str, step: int, stats: dict) -> None:
+        line = "  ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        print(f"{stage} step {step}: {line}", file=sys.stderr, flush=True)
+
+    run_recipe(config, log=lambda m: print(m, file=sys.stderr, flush=True), on_step=on_step)
+    print(args.out)
+    return 0
 
 
 def run_vae(args: argparse.Namespace) -> int:
