@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from malerei.engine.errors import ImageError, InvalidParameter, MalereiError
+from malerei.engine.errors import ImageError, InvalidParameter
 
 DEFAULT_OUT = Path("outputs")
 _NUMBERED = re.compile(r"^(\d+)-")

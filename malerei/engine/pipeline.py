@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import threading
 import weakref
 from collections.abc import Callable
