@@ -108,7 +108,7 @@ def read_image(source, *, what: str = "image", max_pixels: int = MAX_PIXELS,
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: the image claims more pixels than allowed (at most {max_pixels})") from None
+        raise ImageError(f"{name}: the image is too large: it claims more pixels than allowed (at most {max_pixels})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: the file is corrupt: not a readable {fmt} image") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError,
