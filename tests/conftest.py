@@ -39,6 +39,7 @@ Builders usable from tests: `build_tiny_pipeline(family, tokenizer_dir)` and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ import pytest
 from malerei.engine.offline import enforce_offline
 
 enforce_offline()  # before diffusers/transformers are first imported by any test
+
+# One intra-op thread per process: tests start servers and CLI subprocesses beside the test
+# process, and on a 2-core machine competing thread pools ran tiny models 20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY_WORDS = [
     "a", "photo", "of", "cat", "dog", "red", "green", "blue", "circle", "square", "triangle",

@@ -259,7 +259,10 @@ def _tokenizer_info(tokenizer) -> _TokenizerInfo:
     if bos is None or eos is None:
         raise InvalidParameter("the tokenizer has no BOS/EOS tokens; a CLIP tokenizer is required")
     pad = tokenizer.pad_token_id
-    comma = tokenizer.get_vocab().get(",</w>")
+    # convert_tokens_to_ids is a dict lookup; get_vocab() would copy all 49,408 entries per job.
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    if comma is None or comma == tokenizer.unk_token_id:
+        comma = None
     return _TokenizerInfo(bos=bos, eos=eos, pad=eos if pad is None else pad, comma=comma)
 
 

@@ -36,6 +36,10 @@ def make_scheduler(info: SamplerInfo, schedule: str | None, scheduler_config: di
     if info.implementation == "DPMSolverSDEScheduler" and generators:
         # One Brownian tree per image, seeded like A1111 does: with that image's seed.
         overrides["noise_sampler_seed"] = [g.initial_seed() for g in generators]
+    if "clip_sample" in cls._get_init_keys(cls):
+        # A1111 never clips x0; diffusers' Stable Diffusion pipelines switch it off too, but a
+        # config that omits the key would get DDIM's default (True).
+        overrides.setdefault("clip_sample", False)
     return cls.from_config(dict(scheduler_config), **overrides)
 
 
