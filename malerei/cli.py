@@ -23,8 +23,17 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's own errors (unknown command, bad number) as one ``error: ...`` line, exit 2.
+
+    Subcommand parsers inherit the class, so every command gets it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="malerei",
         description="Self-hosted Stable-Diffusion-style image generation.",
     )
