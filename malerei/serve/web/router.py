@@ -29,12 +29,12 @@ router = APIRouter()
 router.include_router(web_accounts.router)
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type=TYPES[".html"], headers=HEADERS)
 
 
-@router.get("/web/{path:path}", include_in_schema=False)
+@router.api_route("/web/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
 def asset(path: str) -> FileResponse:
     """A file of ``static/`` by its relative path; anything else (``..``, other types) is 404."""
     file = (STATIC / path).resolve()

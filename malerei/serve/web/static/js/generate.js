@@ -121,6 +121,7 @@ async function useSourceFile(file) {
     const { dataURL, image } = await loadImageFile(file);
     sourceDataURL = dataURL;
     source.setImage(image);
+    fitBrush(source.width, source.height);
     $("#canvas-wrap").hidden = false;
     if (limit && file.size > limit) {
       notify(`This image is ${file.size} bytes; the server accepts at most ${limit}. It will be refused unless you pick a smaller one.`,
@@ -136,6 +137,15 @@ async function useSourceImage(image) {
   if (!response.ok) throw new ApiError(response.status, "image_unavailable", `could not load image ${image.id}`);
   const blob = await response.blob();
   await useSourceFile(new File([blob], `${image.id}.png`, { type: "image/png" }));
+}
+
+// A brush that suits the image: about a twelfth of its longer side; the slider reaches half of it.
+function fitBrush(width, height) {
+  const side = Math.max(width, height);
+  const brush = $("#brush-size");
+  brush.max = String(Math.max(8, Math.round(side / 2)));
+  brush.value = String(Math.max(2, Math.round(side / 12)));
+  brush.dispatchEvent(new Event("input"));
 }
 
 function updateSourceInfo() {

@@ -3,7 +3,7 @@
 // exactly the image's size, as the API requires. Strokes are kept in a separate canvas in the
 // overlay colour; the exported mask is white where painted (repaint) and black elsewhere (keep).
 
-const OVERLAY = "rgb(255, 48, 96)";
+const OVERLAY = "rgb(255, 0, 170)";
 const MAX_UNDO = 30;
 
 export class SourceCanvas {
@@ -53,7 +53,7 @@ export class SourceCanvas {
     ctx.drawImage(this.image, 0, 0, this.width, this.height);
     if (this.paintable) {
       ctx.save();
-      ctx.globalAlpha = 0.55;
+      ctx.globalAlpha = 0.6;
       ctx.drawImage(this.mask, 0, 0);
       ctx.restore();
     }

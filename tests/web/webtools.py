@@ -1,0 +1,203 @@
+"""Helpers of the web page tests: a real ``malerei serve`` process, a browser tab that records
+console errors, screenshots, signing in."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CHROMIUM = os.environ.get("MALEREI_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("MALEREI_WEB_ARTIFACTS", HERE / "artifacts"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DESKTOP = {"width": 1280, "height": 860}
+PHONE = {"width": 390, "height": 844}
+MODEL = "tiny-sd1"
+
+
+# --------------------------------------------------------------------------- the server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WebServer:
+    data_dir: Path
+    models_dir: Path
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 90.0) -> WebServer:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")
+        command = [sys.executable, "-m", "malerei", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                   "--models-dir", str(self.models_dir), "--default-model", MODEL, *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not start: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def add_user(self, name: str, password: str, *, credits: int = 0, admin: bool = False) -> None:
+        """A user made through the library on the server's database file (as the admin CLI does)."""
+        from malerei.serve import credits as ledger
+        from malerei.serve.accounts.users import create_user
+        from malerei.serve.db.session import Database
+
+        db = Database(f"sqlite:///{self.data_dir / 'malerei.db'}")
+        try:
+            with db.write() as session:
+                user = create_user(session, name, password=password, is_admin=admin)
+                if credits:
+                    ledger.grant(session, user, credits, note="test")
+        finally:
+            db.dispose()
+
+
+class Tab:
+    """A page in a fresh browser context, with its console errors recorded."""
+
+    def __init__(self, context, page) -> None:
+        self.context = context
+        self.page = page
+        self.errors: list[str] = []
+        self.allowed: list[re.Pattern] = []
+        page.on("console", lambda msg: self.errors.append(f"console.{msg.type}: {msg.text}")
+                if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+
+    def allow_http_error(self, status: int) -> None:
+        """The test causes an HTTP error status on purpose; Chromium logs it as a console error."""
+        self.allowed.append(re.compile(rf"Failed to load resource: the server responded with a status of {status}\b"))
+
+    def unexpected_errors(self) -> list[str]:
+        return [e for e in self.errors if not any(p.search(e) for p in self.allowed)]
+
+
+def _screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def screenshot(page, name: str) -> Path:
+    """Save a screenshot for a person to look at (the artifacts dir)."""
+    return _screenshot(page, name)
+
+
+def sign_in(tab: Tab, server: WebServer, name: str, password: str) -> None:
+    """Open the page and sign in through the form; returns once the Generate view is ready."""
+    from playwright.sync_api import expect
+
+    page = tab.page
+    page.goto(server.url + "/")
+    form = page.locator("#view-signin")
+    form.get_by_label("User name").fill(name)
+    form.get_by_label("Password").fill(password)
+    form.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#username")).to_have_text(name)
+    expect(page.locator("#view-generate")).to_be_visible()
+    expect(page.locator("#model option")).not_to_have_count(0)
+
+
+def notice(page, text: str | re.Pattern):
+    """The message at the top of the page containing ``text``."""
+    return page.locator("#notices .notice").filter(has_text=text)
+
+
+def fill_txt2img(page, prompt: str, *, steps: int = 2, size: int = 64, seed: int | None = None,
+                 batch: int = 1) -> None:
+    page.locator("#view-generate").get_by_label("Text to image").check()
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_label("Steps", exact=True).fill(str(steps))
+    page.get_by_label("Width", exact=True).fill(str(size))
+    page.get_by_label("Height", exact=True).fill(str(size))
+    page.get_by_label("Batch size", exact=True).fill(str(batch))
+    page.get_by_label("Seed (−1: random)").fill(str(-1 if seed is None else seed))
+
+
+def wait_result(page, timeout_ms: int = 120_000):
+    """The detail of the job's (first) image once the job has succeeded."""
+    from playwright.sync_api import expect
+
+    detail = page.locator("#result-detail")
+    expect(page.locator("#progress")).to_be_hidden(timeout=timeout_ms)
+    expect(detail.locator("figure img")).to_be_visible()
+    return detail
+
+
+def recipe_value(detail, label: str) -> str:
+    return detail.locator(f"dl.recipe dt:text-is('{label}') + dd").inner_text()
+
+
+def decode_data_url(url: str):
+    """A PIL image from a ``data:image/png;base64,...`` URL."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def png_image(size: int = 64, *, noise: bool = False, color=(200, 40, 40)) -> bytes:
+    """PNG bytes: a flat colour with a square in it, or random noise (which compresses badly)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if noise:
+        pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+    else:
+        image = Image.new("RGB", (size, size), color)
+        image.paste((30, 60, 220), (size // 4, size // 4, size // 2, size // 2))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
