@@ -189,8 +189,9 @@ def load_spandrel(path: Path, *, allow_pickle: bool = False, device: str | None 
         raise ModelLoadError(f"{path.name}: a {descriptor.purpose} model ({descriptor.architecture.id}); "
                              f"a {what} takes one image in and gives one image out")
     if descriptor.purpose not in purposes:
-        raise ModelLoadError(f"{path.name}: a {descriptor.purpose} model ({descriptor.architecture.id}) is not a "
-                             f"{what}; allowed purposes: {', '.join(purposes)}")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise ModelLoadError(f"{path.name}: a {descriptor.purpose} model ({descriptor.architecture.id}) is not "
+                             f"{article} {what}; allowed purposes: {', '.join(purposes)}")
     descriptor.to(pick_device(device)).eval()
     return Upscaler(name=name or path.stem, path=path, architecture=str(descriptor.architecture.id),
                     purpose=descriptor.purpose, scale=int(descriptor.scale), short_hash=_sha256(path)[:10],
