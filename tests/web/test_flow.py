@@ -52,14 +52,14 @@ def test_first_run_to_inpaint_and_upscale(fresh_server, tab, tmp_path):
 
     # --- generate with Ctrl+Enter: progress and live previews stream in, then the result
     fill_txt2img(page, "a red circle on a blue background", steps=40, seed=1234)
-    page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    page.get_by_label("Prompt", exact=True).press("Control+Enter")  # the keyboard way to start
     expect(page.locator("#progress")).to_be_visible()
     expect(page.locator("#progress-label")).to_have_text(re.compile(r"Step \d+ of 40"), timeout=60_000)
     expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^data:image/png;base64,"), timeout=60_000)
     preview = decode_data_url(page.locator("#preview").get_attribute("src"))
     assert max(preview.size) <= 64
     screenshot(page, "flow-progress-desktop")
-    detail = wait_result(page)
+    detail = wait_result(page, None)
     assert recipe_value(detail, "Seed") == "1234"
     assert recipe_value(detail, "Prompt") == "a red circle on a blue background"
     assert recipe_value(detail, "Steps") == "40"

@@ -161,14 +161,26 @@ def fill_txt2img(page, prompt: str, *, steps: int = 2, size: int = 64, seed: int
     page.get_by_label("Seed (−1: random)").fill(str(-1 if seed is None else seed))
 
 
-def wait_result(page, timeout_ms: int = 120_000):
-    """The detail of the job's (first) image once the job has succeeded."""
-    from playwright.sync_api import expect
+def shown_job(page) -> str | None:
+    """The id of the job whose images the Generate view shows."""
+    return page.locator("#results").get_attribute("data-job")
 
-    detail = page.locator("#result-detail")
-    expect(page.locator("#progress")).to_be_hidden(timeout=timeout_ms)
-    expect(detail.locator("figure img")).to_be_visible()
-    return detail
+
+def wait_result(page, previous: str | None, timeout_ms: int = 120_000):
+    """Waits until the Generate view shows a job other than ``previous`` (and none is running);
+    returns the detail of its (first) image."""
+    page.wait_for_function(
+        """prev => { const r = document.querySelector('#results');
+                     return r.dataset.job && r.dataset.job !== prev && document.querySelector('#progress').hidden; }""",
+        arg=previous or "", timeout=timeout_ms)
+    return page.locator("#result-detail")
+
+
+def generate(page, timeout_ms: int = 120_000):
+    """Clicks Generate and waits for the new result; returns its detail."""
+    previous = shown_job(page)
+    page.get_by_role("button", name="Generate").click()
+    return wait_result(page, previous, timeout_ms)
 
 
 def recipe_value(detail, label: str) -> str:

@@ -64,17 +64,18 @@ export function describe(error) {
     case 415: return `Unsupported file: ${msg}`;
     case 422: return `Invalid settings: ${msg}`;
     case 429: {
-      const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : " Wait a moment and try again.";
-      return error.code === "too_many_queued_jobs" ? `Too many jobs waiting: ${msg}` : `Rate limited: ${msg}${wait}`;
+      if (error.code === "too_many_queued_jobs") return `Too many jobs waiting: ${msg}`;
+      const wait = /retry|again/i.test(msg) ? "" : error.retryAfter ? ` Try again in ${error.retryAfter} s.` : " Wait a moment and try again.";
+      return `Rate limited: ${msg}${wait}`;
     }
     default:
       return error.status >= 500 ? `The server failed: ${msg}` : msg;
   }
 }
 
+// The server's message as a sentence: ends with a full stop (its words are kept as they are).
 function sentence(text) {
   const t = String(text || "").trim();
   if (!t) return "";
-  const first = t[0].toUpperCase() + t.slice(1);
-  return /[.!?]$/.test(first) ? first : `${first}.`;
+  return /[.!?]$/.test(t) ? t : `${t}.`;
 }

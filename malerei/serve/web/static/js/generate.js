@@ -350,6 +350,8 @@ function finish(job) {
   if (!active || active.id !== job.id || active.finished) return;
   stopTracking();
   refreshAccount();
+  const n = (job.images || []).length;
+  $("#job-status").textContent = job.status === "succeeded" ? `Finished: ${n} image${n === 1 ? "" : "s"}.` : `Job ${job.status}.`;
   if (job.status === "succeeded") {
     showJob(job);
   } else if (job.status === "cancelled") {
@@ -369,6 +371,7 @@ function showJob(job, selected = 0) {
   lastSeed = images[0].seed;
   $("#seed-reuse").disabled = false;
   $("#results").hidden = false;
+  $("#results").dataset.job = job.id;
   $("#output-empty").hidden = true;
   const thumbs = $("#result-thumbs");
   thumbs.hidden = images.length < 2;
