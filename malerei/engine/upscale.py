@@ -216,8 +216,8 @@ def load_upscaler(ref: str | Path | None = None, *, models_dir: Path | None = No
 def _check_tiling(tile: int, overlap: int) -> None:
     if isinstance(tile, bool) or not isinstance(tile, int) or not 16 <= tile <= 4096:
         raise InvalidParameter(f"tile size {tile!r} is out of range; allowed: 16..4096")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= tile:
-        raise InvalidParameter(f"tile overlap {overlap!r} is out of range; allowed: 0..tile size")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 1024:
+        raise InvalidParameter(f"tile overlap {overlap!r} is out of range; allowed: 0..1024")
 
 
 def run_tiled(fn, x: torch.Tensor, scale: int, *, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
