@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import Server, run_cli
+from serving import Server, run_cli
 
 
 def test_users_keys_credits_and_revoke(tmp_path, tiny_models_dir):
@@ -65,7 +65,7 @@ def test_malerei_cli_lists_the_service_commands():
     import subprocess
     import sys
 
-    from conftest import REPO, server_env
+    from serving import REPO, server_env
 
     out = subprocess.run([sys.executable, "-m", "malerei", "--help"], capture_output=True, text=True, cwd=REPO,
                          env=server_env(), timeout=120)

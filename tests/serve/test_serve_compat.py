@@ -9,7 +9,7 @@ import json
 import httpx
 from PIL import Image
 
-from conftest import TINY_MODEL, new_account
+from serving import TINY_MODEL, new_account
 from malerei.serve.jobs.engine import supported_kinds
 
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from conftest import new_account, wait_job
+from serving import new_account, wait_job
 
 
 def test_fifty_parallel_submissions_with_credit_for_ten(served):

@@ -9,7 +9,7 @@ import time
 
 from PIL import Image
 
-from conftest import wait_job
+from serving import wait_job
 
 TINY = {"width": 64, "height": 64, "steps": 4}
 
@@ -108,7 +108,7 @@ def test_cancel_running_job_stops_within_one_step_and_refunds(served):
 
 def test_cancel_queued_job_at_once(api_only):
     server, client = api_only
-    from conftest import new_account
+    from serving import new_account
 
     user = new_account(server, "canceller", credits=50)
     job = client.post("/v1/jobs", json={"prompt": "never", "width": 64, "height": 64, "steps": 2},
@@ -153,7 +153,7 @@ def test_idempotency_key(served):
 
 def test_idempotency_key_while_the_first_is_being_accepted(served):
     server, client, accounts = served
-    from conftest import new_account
+    from serving import new_account
     from malerei.serve.db.models import IdempotencyKey, User
     from malerei.serve.db.session import Database
     from malerei.serve.jobs.service import request_hash
@@ -191,7 +191,7 @@ def _result(client, headers, job) -> Image.Image:
 def test_img2img_inpaint_outpaint(served):
     import numpy as np
 
-    from conftest import new_account
+    from serving import new_account
 
     server, client, _ = served
     user = new_account(server, "painter")

@@ -10,7 +10,7 @@ import zlib
 
 from PIL import Image
 
-from conftest import new_account
+from serving import new_account
 
 
 def png_bomb(side: int = 20000) -> bytes:

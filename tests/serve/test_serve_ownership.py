@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import new_account, wait_job
+from serving import new_account, wait_job
 
 SECRET_PROMPT = "a secret green circle"
 

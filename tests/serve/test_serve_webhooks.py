@@ -7,7 +7,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from conftest import new_account, wait_job
+from serving import new_account, wait_job
 from malerei.serve.jobs.webhooks import HEADER, verify
 
 

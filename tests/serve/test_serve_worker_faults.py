@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, Server, cli_argv, make_account, model_args, server_env
+from serving import REPO, Server, cli_argv, make_account, model_args, server_env
 
 LEASE = "2"
 
