@@ -271,3 +271,17 @@ def test_hires_fix_with_an_upscaler_model(sd1, tmp_path):
 def test_hires_options_are_checked(sd1, options, words):
     with pytest.raises(InvalidParameter, match=words):
         img2img.hires_fix(sd1, P, options)
+
+
+def test_generate_images_runs_the_hires_fix_when_asked(sd1):
+    import argparse
+
+    from malerei.commands import edit
+
+    parser = argparse.ArgumentParser()
+    edit.add_hires_options(parser)
+    plain = edit.generate_images(sd1, P, parser.parse_args([]), preview_every=0)
+    hires = edit.generate_images(sd1, P, parser.parse_args(["--hires-scale", "1.5", "--hires-steps", "2"]),
+                                 preview_every=0)
+    assert plain[0].image.size == (64, 64) and hires[0].image.size == (96, 96)
+    assert "Hires upscale" not in plain[0].infotext and "Hires steps: 2" in hires[0].infotext
