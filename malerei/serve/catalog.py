@@ -178,3 +178,34 @@ class ModelCatalog:
                 pass
         raise ApiError(422, "unknown_scheduler",
                        f"unknown schedule type {name!r}; available: {', '.join(self.schedulers())}")
+
+
+    # ------------------------------------------------------------------ upscalers and restorers
+    def tools(self, kind: str) -> dict[str, Path]:
+        """Upscaler (``kind="upscaler"``) or restorer model files by name: the models folder's
+        A1111/ComfyUI subfolders, plus the built-in one when it is installed."""
+        try:
+            from malerei.engine import upscale
+        except ImportError:
+            return {}
+        subdirs, builtin, builtin_name = {
+            "upscaler": (upscale.UPSCALER_DIRS, upscale.BUILTIN_UPSCALER, "shapes-x4"),
+            "restorer": (upscale.RESTORER_DIRS, upscale.BUILTIN_RESTORER, "shapes-restore"),
+        }[kind]
+        found = {}
+        if builtin.is_file():
+            found[builtin_name] = builtin
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for path in upscale.list_model_files(self.models_dir, subdirs):
+                found.setdefault(path.stem, path)
+        return found
+
+    def resolve_tool(self, kind: str, name: str | None) -> str:
+        """The name of an installed upscaler/restorer (the built-in one for None), or a 422."""
+        tools = self.tools(kind)
+        default = {"upscaler": "shapes-x4", "restorer": "shapes-restore"}[kind]
+        wanted = name or default
+        if wanted in tools:
+            return wanted
+        known = ", ".join(sorted(tools)) or "none installed"
+        raise ApiError(422, f"{kind}_not_found", f"no {kind} named {wanted!r}; available: {known}")

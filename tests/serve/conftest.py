@@ -10,12 +10,29 @@ from serving import Server, make_account, model_args
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory, tiny_models_dir):
+def serve_models_dir(tmp_path_factory, tiny_models_dir):
+    """The tiny models folder plus a tiny x4 upscaler (ESRGAN/) and restorer (Restorers/) in
+    real spandrel layouts (tests/image_nets.py)."""
+    import shutil
+
+    import image_nets
+
+    root = tmp_path_factory.mktemp("serve-models") / "models"
+    shutil.copytree(tiny_models_dir, root)
+    (root / "ESRGAN").mkdir()
+    image_nets.save(image_nets.compact_state(4), root / "ESRGAN" / "4x-Tiny.safetensors")
+    (root / "Restorers").mkdir()
+    image_nets.save(image_nets.compact_state(1), root / "Restorers" / "tiny-restore.safetensors")
+    return root
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, serve_models_dir):
     """A running server (in-process worker, real engine, tiny model) with users alice, bob and
     root (admin)."""
     data_dir = tmp_path_factory.mktemp("serve")
     accounts = {name: make_account(data_dir, name, admin=name == "root") for name in ("alice", "bob", "root")}
-    server = Server(data_dir=data_dir, args=[*model_args(tiny_models_dir), "--set", "webhook_allow_private=true",
+    server = Server(data_dir=data_dir, args=[*model_args(serve_models_dir), "--set", "webhook_allow_private=true",
                                              "--set", "webhook_backoff_s=0.2",
                                              "--set", "rate_limit_per_minute=6000"]).start()
     try:

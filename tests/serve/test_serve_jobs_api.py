@@ -7,6 +7,8 @@ import io
 import json
 import time
 
+import numpy as np
+
 from PIL import Image
 
 from serving import wait_job
@@ -119,19 +121,35 @@ def test_cancel_queued_job_at_once(api_only):
     assert client.get("/v1/account", headers=user.headers).json()["balance"] == 50
 
 
-def test_unsupported_kind_fails_clearly_and_is_refunded(served):
-    server, client, accounts = served
-    alice = accounts["alice"]
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
-    before = client.get("/v1/account", headers=alice.headers).json()["balance"]
-    job = client.post("/v1/jobs", json={"kind": "upscale", "image": base64.b64encode(buf.getvalue()).decode()},
-                      headers=alice.headers)
-    assert job.status_code == 202, job.text
-    done = wait_job(client, job.json()["id"], alice.headers)
-    assert done["status"] == "failed"
-    assert done["error"]["code"] == "unsupported_kind" and "not supported" in done["error"]["message"]
-    assert client.get("/v1/account", headers=alice.headers).json()["balance"] == before
+def test_upscale_and_restore(served):
+    from serving import new_account
+
+    server, client, _ = served
+    user = new_account(server, "post")
+    source = Image.new("RGB", (24, 16), (10, 120, 240))
+    out = _result(client, user.headers, client.post("/v1/jobs", json={
+        "kind": "upscale", "image": _png_b64(source), "scale": 2, "upscaler": "4x-Tiny"}, headers=user.headers))
+    assert out.size == (48, 32)
+    out = _result(client, user.headers, client.post("/v1/jobs", json={
+        "kind": "restore", "image": _png_b64(source), "restorer": "tiny-restore", "strength": 0.0},
+        headers=user.headers))
+    assert out.size == (24, 16) and np.array_equal(np.asarray(out), np.asarray(source))  # strength 0: the input
+    missing = client.post("/v1/jobs", json={"kind": "upscale", "image": _png_b64(source), "upscaler": "nope"},
+                          headers=user.headers)
+    assert missing.status_code == 422 and missing.json()["error"]["code"] == "upscaler_not_found"
+    assert "4x-Tiny" in missing.json()["error"]["message"]
+
+
+def test_a_kind_the_engine_lacks_fails_clearly(monkeypatch):
+    """Unit level: with a kind's engine function missing, the job's result says so."""
+    from malerei.serve.jobs import engine
+
+    monkeypatch.setitem(engine.KIND_SUPPORT, "restore", ("malerei.restore.restorer:no_such_function",))
+    request = engine.EngineRequest(job_id="job_x", kind="restore", model=None, params={},
+                                   images={"image": Image.new("RGB", (8, 8))})
+    [result] = engine.RealEngine(catalog=None).run_batch([request], lambda *a: None, lambda: False)
+    assert result.error_code == "unsupported_kind" and "restore is not supported" in result.error_message
+    assert "restore" not in engine.supported_kinds()
 
 
 def test_idempotency_key(served):
@@ -189,8 +207,6 @@ def _result(client, headers, job) -> Image.Image:
 
 
 def test_img2img_inpaint_outpaint(served):
-    import numpy as np
-
     from serving import new_account
 
     server, client, _ = served

@@ -67,18 +67,17 @@ def unsupported(request: EngineRequest) -> EngineResult:
 
 # ----------------------------------------------------------------------------- the real engine
 # Each job kind and the engine functions it needs ("module:function"). A kind is supported when
-# all of them exist; upscale and restore switch on when malerei.restore provides these.
+# all of them exist, so a kind switches on here when the engine grows it.
 KIND_SUPPORT: dict[str, tuple[str, ...]] = {
-    "txt2img": ("malerei.engine.pipeline:generate", "malerei.engine.pipeline:run_job"),
-    "img2img": ("malerei.engine.pipeline:run_job", "malerei.engine.pipeline:encode_latents",
-                "malerei.engine.pipeline:pil_to_tensor"),
-    "inpaint": ("malerei.engine.pipeline:run_job", "malerei.engine.pipeline:encode_latents",
-                "malerei.engine.pipeline:pil_to_tensor"),
-    "outpaint": ("malerei.engine.pipeline:run_job", "malerei.engine.pipeline:encode_latents",
-                 "malerei.engine.pipeline:pil_to_tensor"),
-    "upscale": ("malerei.restore.upscale:upscale",),
-    "restore": ("malerei.restore.faces:restore",),
+    "txt2img": ("malerei.engine.pipeline:generate", "malerei.engine.batch:generate_many"),
+    "img2img": ("malerei.engine.img2img:img2img",),
+    "inpaint": ("malerei.engine.img2img:inpaint",),
+    "outpaint": ("malerei.engine.img2img:outpaint",),
+    "upscale": ("malerei.engine.upscale:load_upscaler", "malerei.engine.upscale:upscale_image"),
+    "restore": ("malerei.restore.restorer:load_restorer", "malerei.restore.restorer:restore_image"),
 }
+# Kinds that need no diffusion model.
+POSTPROCESS_KINDS = ("upscale", "restore")
 
 
 def _has(target: str) -> bool:
@@ -106,6 +105,7 @@ class RealEngine:
         self.dtype = dtype
         self.preview_every = preview_every
         self._cache = None
+        self._tools: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
     def warm(self, model: str | None = None) -> None:
@@ -130,7 +130,14 @@ class RealEngine:
 
         kinds = supported_kinds()
         results = [unsupported(r) for r in requests if r.kind not in kinds]
-        runnable = [r for r in requests if r.kind in kinds]
+        for request in requests:
+            if request.kind in kinds and request.kind in POSTPROCESS_KINDS:
+                try:
+                    results.append(self._postprocess(request, is_cancelled))
+                except MalereiError as exc:
+                    results.append(EngineResult(job_id=request.job_id, error_code="model_error",
+                                                error_message=str(exc)))
+        runnable = [r for r in requests if r.kind in kinds and r.kind not in POSTPROCESS_KINDS]
         if not runnable:
             return results
         try:
@@ -166,16 +173,73 @@ class RealEngine:
 
     def _image_job(self, model: Any, request: EngineRequest, on_progress: ProgressFn,
                    is_cancelled: CancelFn) -> EngineResult:
-        from malerei.serve.jobs.image_kinds import run_image_job
+        """img2img, inpaint, outpaint through ``malerei.engine.img2img``."""
+        from malerei.engine import img2img as edit
 
         def progress(step: int, total: int, latents: Any = None) -> None:
             on_progress(step, total, preview_image(model, latents))
 
-        images = run_image_job(model, request.kind, generation_params(request.params), request.images,
-                               request.params, progress=progress, cancel=is_cancelled,
-                               preview_every=self.preview_every, models_dir=self.catalog.models_dir)
+        p = request.params
+        run = dict(progress=progress, cancel=is_cancelled, preview_every=self.preview_every,
+                   models_dir=self.catalog.models_dir)
+        params = generation_params(p)
+        image = request.images["init_image"]
+        strength = p.get("denoising_strength", 0.75)
+        if request.kind == "img2img":
+            images = edit.img2img(model, params, image, strength=strength, **run)
+        elif request.kind == "inpaint":
+            options = edit.InpaintOptions(strength=strength, mask_blur=float(p.get("mask_blur", 4)))
+            images = edit.inpaint(model, params, image, request.images["mask_image"], options=options, **run)
+        else:
+            import dataclasses
+
+            options = edit.InpaintOptions(strength=strength, masked_content="fill")
+            images = edit.outpaint(model, dataclasses.replace(params, width=None, height=None), image,
+                                   left=p.get("left", 0), right=p.get("right", 0), up=p.get("top", 0),
+                                   down=p.get("bottom", 0), options=options, **run)
         return EngineResult(job_id=request.job_id, images=[
             EngineImage(image=g.image, seed=g.seed, infotext=g.infotext, recipe=g.recipe) for g in images])
+
+    def _tool(self, kind: str, name: str) -> Any:
+        """A loaded upscaler/restorer, kept for later jobs."""
+        key = (kind, name)
+        with self._lock:
+            if key not in self._tools:
+                path = self.catalog.tools(kind)[name]
+                if kind == "upscaler":
+                    from malerei.engine.upscale import load_upscaler as load
+                else:
+                    from malerei.restore.restorer import load_restorer as load
+                self._tools[key] = load(path, device=self.device)
+            return self._tools[key]
+
+    def _postprocess(self, request: EngineRequest, is_cancelled: CancelFn) -> EngineResult:
+        """upscale (super-resolution model) and restore (restoration model) of one image."""
+        from malerei.engine.errors import Cancelled
+
+        if is_cancelled():
+            raise Cancelled("cancelled")
+        p = request.params
+        source = request.images["image"]
+        if request.kind == "upscale":
+            from malerei.engine.upscale import upscale_image
+
+            tool = self._tool("upscaler", p["upscaler"])
+            image = upscale_image(tool, source, p.get("scale", 2))
+            fields = {"Postprocess upscale by": p.get("scale", 2), "Postprocess upscaler": tool.name}
+        else:
+            from malerei.restore.restorer import restore_image
+
+            tool = self._tool("restorer", p["restorer"])
+            image = restore_image(tool, source, strength=p.get("strength", 1.0))
+            fields = {"Postprocess restorer": tool.name, "Restore strength": p.get("strength", 1.0)}
+        infotext = ", ".join(f"{k}: {v}" for k, v in fields.items())
+        recipe = {"kind": request.kind, "model": {"name": tool.name, "hash": tool.short_hash,
+                                                  "architecture": tool.architecture},
+                  "input_size": list(source.size), "output_size": list(image.size),
+                  **{k: v for k, v in p.items() if k in ("scale", "strength")}}
+        return EngineResult(job_id=request.job_id, images=[EngineImage(image=image, seed=0, infotext=infotext,
+                                                                      recipe=recipe)])
 
     def _txt2img(self, model: Any, requests: Sequence[EngineRequest], on_progress: ProgressFn,
                  is_cancelled: CancelFn) -> list[EngineResult]:

@@ -90,6 +90,8 @@ def resolve(services: Services, spec: Any) -> tuple[str, dict[str, Any], dict[st
     else:
         source = images["image"]
         scale = getattr(spec, "scale", 1)
+        tool = "upscaler" if spec.kind == "upscale" else "restorer"
+        fields[tool] = services.catalog.resolve_tool(tool, getattr(spec, tool))
         width, height = source.width * scale, source.height * scale
         if width * height > s.max_pixels * 16:
             raise ApiError(422, "size_out_of_range",
