@@ -68,6 +68,7 @@ export function initGenerate() {
   $("#seed-reuse").addEventListener("click", () => { if (lastSeed !== null) $("#seed").value = lastSeed; });
 
   for (const el of [$("#outpaint-px"), $("#scale"), ...$$("input[name=side]", form)]) {
+    el.addEventListener("input", updateSourceInfo);
     el.addEventListener("change", updateSourceInfo);
   }
   $("#model").addEventListener("change", () => applyModelDefaults($("#model").value));

@@ -3,7 +3,7 @@
 // exactly the image's size, as the API requires. Strokes are kept in a separate canvas in the
 // overlay colour; the exported mask is white where painted (repaint) and black elsewhere (keep).
 
-const OVERLAY = "rgb(255, 0, 170)";
+const OVERLAY = "rgb(255, 0, 170)";  // also in #binarize
 const MAX_UNDO = 30;
 
 export class SourceCanvas {
@@ -89,7 +89,21 @@ export class SourceCanvas {
   #up() {
     if (!this.painting) return;
     this.painting = false;
+    this.#binarize();
+    this.draw();
     this.onChange();
+  }
+
+  // A pixel is painted or not: the soft edges of a stroke become solid or vanish, so erasing
+  // over a stroke leaves nothing behind (the server blurs the mask edge, see mask_blur).
+  #binarize() {
+    const image = this.maskCtx.getImageData(0, 0, this.width, this.height);
+    const { data } = image;
+    for (let i = 0; i < data.length; i += 4) {
+      const on = data[i + 3] >= 128;
+      data[i] = 255; data[i + 1] = 0; data[i + 2] = 170; data[i + 3] = on ? 255 : 0;
+    }
+    this.maskCtx.putImageData(image, 0, 0);
   }
 
   #stroke(a, b) {
