@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from webtools import CHROMIUM, CHROMIUM_ARGS, DESKTOP, HERE, MODEL, Tab, WebServer, _screenshot
+from webtools import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, DESKTOP, HERE, MODEL, Tab, WebServer, _screenshot
 
 
 def _missing() -> str | None:
@@ -120,6 +120,8 @@ def browser():
 def new_tab(browser, request):
     """``new_tab(viewport=DESKTOP)``: pages in fresh contexts (own cookies), checked on teardown."""
     tabs: list[Tab] = []
+    for old in ARTIFACTS.glob(f"FAILED-{request.node.name}-*.png"):
+        old.unlink()  # a picture of an earlier failure of this test would mislead
 
     def make(viewport: dict | None = None) -> Tab:
         context = browser.new_context(viewport=viewport or DESKTOP, accept_downloads=True)
