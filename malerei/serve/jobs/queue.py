@@ -7,9 +7,9 @@ whose lease ran out belongs to a dead worker and is queued again, or failed once
 tried ``max_attempts`` times. Results are written only by the lease holder, inside the
 transaction that marks the job finished, so each result is stored exactly once.
 
-:class:`SqlJobQueue` runs on SQLite (``BEGIN IMMEDIATE`` serialises claims) and PostgreSQL (where
-a production deployment would add ``FOR UPDATE SKIP LOCKED``); a Redis-backed queue implements
-the same methods.
+:class:`SqlJobQueue` runs on SQLite (``BEGIN IMMEDIATE`` serialises claims) and PostgreSQL
+(``FOR UPDATE SKIP LOCKED`` claims, row locks on completion); a Redis-backed queue implements the
+same methods.
 """
 
 from __future__ import annotations
@@ -99,8 +99,12 @@ class SqlJobQueue:
     def reap(self) -> int:
         """Jobs whose worker stopped heartbeating: queue them again, or fail them for good."""
         now = time.time()
+        with self.db.read() as s:  # the common case, nothing expired, needs no write lock
+            if s.scalar(select(Job.id).where(Job.status == "running", Job.lease_expires_at < now).limit(1)) is None:
+                return 0
         with self.db.write() as s:
-            dead = s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)).all()
+            dead = s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)
+                             .with_for_update(skip_locked=True)).all()
             for job in dead:
                 if job.cancel_requested:
                     finish(s, job, "cancelled", code="cancelled", message="cancelled by the user")
@@ -130,8 +134,10 @@ class SqlJobQueue:
                     time.sleep(min(wait, window_s))
         now = time.time()
         with self.db.write() as s:
+            # FOR UPDATE SKIP LOCKED lets PostgreSQL workers claim side by side (SQLite ignores it:
+            # BEGIN IMMEDIATE already serialises claims)
             ids = s.scalars(select(Job.id).where(Job.status == "queued", Job.batch_key == head.batch_key)
-                            .order_by(Job.created_at, Job.id).limit(max_jobs)).all()
+                            .order_by(Job.created_at, Job.id).limit(max_jobs).with_for_update(skip_locked=True)).all()
             if not ids:
                 return []
             s.execute(update(Job).where(Job.id.in_(ids), Job.status == "queued").values(
@@ -164,7 +170,7 @@ class SqlJobQueue:
                       .values(**values))
 
     def _held(self, s: Session, worker_id: str, job_id: str) -> Job | None:
-        job = s.get(Job, job_id)
+        job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.status != "running" or job.lease_owner != worker_id:
             return None
         return job

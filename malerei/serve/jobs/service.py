@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from malerei.serve import credits
 from malerei.serve.accounts.tokens import new_id
@@ -154,6 +155,31 @@ def idempotent(services: Services, *, user_id: int, key: str | None, body_hash: 
     if not (1 <= len(key) <= 255):
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters")
     now = time.time()
+    try:
+        replay = _claim_key(services, user_id=user_id, key=key, body_hash=body_hash, now=now)
+    except IntegrityError:  # another request inserted the key first (databases without BEGIN IMMEDIATE)
+        raise ApiError(409, "idempotency_key_in_use",
+                       "a request with this Idempotency-Key is still being processed; retry later") from None
+    if replay is not None:
+        return replay
+    try:
+        status, body = run()
+    except ApiError as exc:
+        if exc.status in (409, 429) or exc.status >= 500:  # transient: let the client retry the key
+            _forget(services, user_id, key)
+        else:
+            _remember(services, user_id, key, exc.status, {"error": {"code": exc.code, "message": exc.message}})
+        raise
+    except BaseException:
+        _forget(services, user_id, key)
+        raise
+    _remember(services, user_id, key, status, body)
+    return status, body
+
+
+def _claim_key(services: Services, *, user_id: int, key: str, body_hash: str,
+               now: float) -> tuple[int, dict[str, Any]] | None:
+    """Record (user, key) as pending, or return the answer kept for it; 422/409 as Stripe does."""
     with services.db.write() as session:
         row = session.get(IdempotencyKey, (user_id, key))
         if row is not None and row.created_at < now - IDEMPOTENCY_TTL_S:
@@ -171,19 +197,7 @@ def idempotent(services: Services, *, user_id: int, key: str | None, body_hash: 
                            "a request with this Idempotency-Key is still being processed; retry later")
         else:
             return row.status_code or 200, row.response or {}
-    try:
-        status, body = run()
-    except ApiError as exc:
-        if exc.status in (409, 429) or exc.status >= 500:  # transient: let the client retry the key
-            _forget(services, user_id, key)
-        else:
-            _remember(services, user_id, key, exc.status, {"error": {"code": exc.code, "message": exc.message}})
-        raise
-    except BaseException:
-        _forget(services, user_id, key)
-        raise
-    _remember(services, user_id, key, status, body)
-    return status, body
+    return None
 
 
 def _remember(services: Services, user_id: int, key: str, status: int, body: dict[str, Any]) -> None:
