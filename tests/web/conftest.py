@@ -57,8 +57,17 @@ SERVER_SETTINGS = ["--set", "preview_every_s=0.2", "--set", "max_upload_bytes=60
 
 @pytest.fixture(scope="session")
 def web_models_dir(tiny_sd1, tmp_path_factory) -> Path:
+    """The tiny SD1 folder, a tiny x4 upscaler (ESRGAN/) and restorer (Restorers/) in real
+    spandrel layouts (tests/image_nets.py), and an "upscaler" that is no model at all."""
+    import image_nets
+
     root = tmp_path_factory.mktemp("web-models")
     shutil.copytree(tiny_sd1.folder, root / MODEL)
+    (root / "ESRGAN").mkdir()
+    image_nets.save(image_nets.compact_state(4), root / "ESRGAN" / "4x-Tiny.safetensors")
+    (root / "ESRGAN" / "broken.safetensors").write_bytes(b"not a model")  # fails in the worker
+    (root / "Restorers").mkdir()
+    image_nets.save(image_nets.compact_state(1), root / "Restorers" / "tiny-restore.safetensors")
     return root
 
 

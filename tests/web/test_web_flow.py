@@ -1,9 +1,6 @@
 """A person's whole flow on a just-installed server: create the first admin, sign out and in
 (a wrong password first), generate while previews stream in, download the PNG, find the image in
 the gallery, paint a mask and inpaint it, send it to upscale.
-
-img2img / inpaint / outpaint / upscale / restore are being added to the engine: where the
-installed engine cannot run a kind yet, the test asserts the job's error is shown to the person.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import re
 
 from playwright.sync_api import expect
 
-from malerei.serve.jobs.engine import supported_kinds
 from webtools import decode_data_url, fill_txt2img, notice, recipe_value, screenshot, wait_result
 
 
@@ -131,7 +127,9 @@ def test_first_run_to_inpaint_and_upscale(fresh_server, tab, tmp_path):
     assert mask.getpixel((29, 29)) == 255     # on the stroke: repaint
     assert mask.getpixel((2, 2)) == 0         # far from it: keep
     assert mask.getpixel((60, 5)) == 0
-    expect_job_outcome(page, "inpaint", kind_label="Inpaint")
+    detail = expect_job_outcome(page, "inpaint", kind_label="Inpaint")
+    assert recipe_value(detail, "Prompt") == "a green square"
+    assert recipe_value(detail, "Strength") == "0.6"
 
     # --- send the first result to upscale
     page.get_by_role("link", name="Gallery").click()
@@ -141,19 +139,19 @@ def test_first_run_to_inpaint_and_upscale(fresh_server, tab, tmp_path):
     grid.first.get_by_role("button").click()
     viewer.get_by_role("button", name="Upscale").click()
     expect(page.get_by_role("radio", name="Upscale")).to_be_checked()
+    expect(page.get_by_label("Upscaler")).to_have_value("4x-Tiny")
     expect(page.locator("#source-info")).to_contain_text("Result: 128 × 128.")
     page.get_by_role("button", name="Generate").click()
-    expect_job_outcome(page, "upscale", kind_label="Upscale")
+    detail = expect_job_outcome(page, "upscale", kind_label="Upscale")
+    assert recipe_value(detail, "Size") == "128 × 128"
+    assert recipe_value(detail, "Upscaler") == "4x-Tiny"
+    expect(detail.get_by_role("button", name="Use these settings")).to_have_count(0)  # nothing to reuse
 
 
-def expect_job_outcome(page, kind: str, *, kind_label: str) -> None:
-    """The job of ``kind`` ran: its result is shown if the engine supports the kind, else the
-    service's failure message is shown."""
-    if kind in supported_kinds():
-        detail = page.locator("#result-detail")
-        expect(detail.locator("dl.recipe dt:text-is('Kind') + dd")).to_have_text(kind_label, timeout=120_000)
-        expect(detail.locator("figure img")).to_be_visible()
-    else:
-        expect(notice(page, "The job failed:")).to_contain_text(f"{kind} is not supported by this engine yet",
-                                                                timeout=120_000)
-        expect(page.locator("#generate")).to_be_enabled()
+def expect_job_outcome(page, kind: str, *, kind_label: str):
+    """The job of ``kind`` ran and its result is shown; returns the result's detail."""
+    detail = page.locator("#result-detail")
+    expect(detail.locator("dl.recipe dt:text-is('Kind') + dd")).to_have_text(kind_label, timeout=120_000)
+    expect(detail.locator("figure img")).to_be_visible()
+    expect(notice(page, "The job failed")).to_have_count(0)
+    return detail

@@ -1,8 +1,8 @@
 """Serves the web page: ``/`` is the single HTML page, ``/web/...`` its CSS, ES modules and icon.
 
 Plain files, no build step. The page talks to the native API only (same origin, session cookie);
-its extra account routes (first-run admin, registration, sign-up policy) are included here so the
-app mounts the whole page with one ``include_router``.
+its extra routes (first-run admin, registration, sign-up policy; installed upscalers and
+restorers) are included here so the app mounts the whole page with one ``include_router``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from malerei.serve.api.routes import web_accounts
+from malerei.serve.api.routes import web_accounts, web_catalog
 from malerei.serve.errors import not_found
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -27,6 +27,7 @@ HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
 
 router = APIRouter()
 router.include_router(web_accounts.router)
+router.include_router(web_catalog.router)
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)

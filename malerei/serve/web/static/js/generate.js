@@ -81,7 +81,7 @@ export function initGenerate() {
 
 // --------------------------------------------------------------------------- catalog
 export async function loadCatalog() {
-  const catalog = await api("GET", "/v1/models");
+  const [catalog, tools] = await Promise.all([api("GET", "/v1/models"), api("GET", "/v1/web/tools")]);
   state.catalog = catalog;
   const fill = (select, values, labels = values) => {
     const keep = select.value;
@@ -89,6 +89,8 @@ export async function loadCatalog() {
     if (values.includes(keep)) select.value = keep;
   };
   fill($("#model"), catalog.models.map((m) => m.name), catalog.models.map((m) => m.title));
+  fillTool($("#upscaler"), tools.upscalers, tools.default_upscaler);
+  fillTool($("#restorer"), tools.restorers, tools.default_restorer);
   fill($("#sampler"), catalog.samplers);
   fill($("#scheduler"), catalog.schedulers);
   const preferred = state.web && state.web.default_model;
@@ -101,6 +103,17 @@ export async function loadCatalog() {
     $("#width").max = limits.max_width;
     $("#height").max = limits.max_height;
   }
+}
+
+// An upscaler/restorer select; with none installed it says so (the server then explains).
+function fillTool(select, names, preferred) {
+  if (!names.length) {
+    select.replaceChildren(h("option", { value: "" }, "none installed"));
+    return;
+  }
+  const keep = select.value;
+  select.replaceChildren(...names.map((n) => h("option", { value: n }, n)));
+  select.value = names.includes(keep) ? keep : preferred || names[0];
 }
 
 function applyModelDefaults(name) {
@@ -201,8 +214,13 @@ function number(id, label, { integer = true, multipleOf = null } = {}) {
 export function buildSpec() {
   const m = mode();
   if (NEEDS_SOURCE.includes(m) && !sourceDataURL) throw new FormProblem("Choose or drop an image first.");
-  if (m === "upscale") return { kind: "upscale", image: sourceDataURL, scale: Number($("#scale").value) };
-  if (m === "restore") return { kind: "restore", image: sourceDataURL, strength: number("restore-strength", "Restore strength", { integer: false }) };
+  if (m === "upscale") {
+    return { kind: "upscale", image: sourceDataURL, scale: Number($("#scale").value), upscaler: $("#upscaler").value || null };
+  }
+  if (m === "restore") {
+    return { kind: "restore", image: sourceDataURL, restorer: $("#restorer").value || null,
+      strength: number("restore-strength", "Restore strength", { integer: false }) };
+  }
   const spec = {
     kind: m,
     model: $("#model").value || null,

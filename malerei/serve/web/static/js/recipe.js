@@ -7,7 +7,7 @@ const KIND_NAMES = {
   upscale: "Upscale", restore: "Restore",
 };
 
-const FIELDS = [
+const DIFFUSION_FIELDS = [
   ["negative_prompt", "Negative prompt"],
   ["sampler", "Sampler"],
   ["scheduler", "Schedule type"],
@@ -15,22 +15,23 @@ const FIELDS = [
   ["cfg_scale", "CFG scale"],
   ["denoising_strength", "Strength"],
   ["mask_blur", "Mask blur"],
-  ["scale", "Scale"],
-  ["restorer", "Restorer"],
-  ["strength", "Restore strength"],
 ];
+const FIELDS = {
+  upscale: [["upscaler", "Upscaler"], ["scale", "Scale"]],
+  restore: [["restorer", "Restorer"], ["strength", "Restore strength"]],
+};
 
 // handlers: useSettings(job, image), sendTo(mode, image), and optionally remove(image)
 export function renderDetail(container, { image, job }, handlers) {
   const params = (job && job.params) || {};
   const rows = [
-    ["Prompt", image.prompt || "—"],
+    ...(image.prompt || !job || !FIELDS[job.kind] ? [["Prompt", image.prompt || "—"]] : []),
     ["Kind", KIND_NAMES[job ? job.kind : "txt2img"] || (job && job.kind)],
     ["Model", (job && job.model) || "default"],
     ["Seed", image.seed],
     ["Size", `${image.width} × ${image.height}`],
   ];
-  for (const [key, label] of FIELDS) {
+  for (const [key, label] of FIELDS[job ? job.kind : "txt2img"] || DIFFUSION_FIELDS) {
     const value = params[key];
     if (value !== undefined && value !== null && value !== "") rows.push([label, value]);
   }
