@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import httpx
 from playwright.sync_api import expect
 
 from webtools import decode_data_url, fill_txt2img, notice, recipe_value, screenshot, wait_result
@@ -30,6 +31,8 @@ def test_first_run_to_inpaint_and_upscale(fresh_server, tab, tmp_path):
     expect(page.locator("#username")).to_have_text("ada")
     expect(page.locator("#credits-value")).to_have_text("500")
     expect(page.get_by_role("link", name="Admin")).to_be_visible()
+    again = httpx.post(fresh_server.url + "/v1/web/setup", json={"name": "mallory", "password": "mallory-pw"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_set_up"  # once only
 
     # --- sign out; a wrong password is refused with a clear message; the right one works
     page.get_by_role("button", name="Sign out").click()
