@@ -249,10 +249,13 @@ OPTION_KEYS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_forma
 @router.get("/options", responses=ERRORS)
 def get_options(services: ServicesDep, identity: CurrentUser) -> dict[str, Any]:
     options = _user_options(services, identity)
-    default = services.catalog.models()[0]
-    chosen = resolve_model_name(services, options.get("sd_model_checkpoint")) or default.name
-    info = next((m for m in services.catalog.models() if m.name == chosen), default)
-    return {"sd_model_checkpoint": _title(info), "sd_checkpoint_hash": info.short_hash,
+    chosen = resolve_model_name(services, options.get("sd_model_checkpoint"))
+    try:
+        info = services.catalog.resolve(chosen)
+    except ApiError:  # no model installed at all
+        info = None
+    return {"sd_model_checkpoint": _title(info) if info else None,
+            "sd_checkpoint_hash": info.short_hash if info else None,
             "CLIP_stop_at_last_layers": options.get("CLIP_stop_at_last_layers", 1),
             "samples_format": "png", "sd_vae": "Automatic"}
 
