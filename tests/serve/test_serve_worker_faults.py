@@ -98,14 +98,26 @@ def test_kill_9_worker_at_random_points(tmp_path, tiny_models_dir):
             worker.wait_ready()
             wait_until(lambda: status(poison["id"]) == ("running", attempt))
             worker.kill9()
-        for _ in range(2):  # then kills while ordinary batches are running
+        def running() -> int:
+            return rows(db, "SELECT count(*) FROM jobs WHERE status='running' AND id != ?", poison["id"])[0][0]
+
+        def open_jobs() -> int:
+            return rows(db, "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND id != ?",
+                        poison["id"])[0][0]
+
+        kills = 0
+        for _ in range(2):  # then kills at random points while ordinary batches are running
             worker = WorkerProcess(tmp_path, tiny_models_dir, len(workers))
             workers.append(worker)
             worker.wait_ready()
-            wait_until(lambda: rows(db, "SELECT count(*) FROM jobs WHERE status='running' AND id != ?",
-                                    poison["id"])[0][0] > 0)
+            wait_until(lambda: running() > 0 or open_jobs() == 0)
+            if open_jobs() == 0:
+                worker.stop()
+                break
             time.sleep(rng.uniform(0.0, 1.0))
             worker.kill9()
+            kills += 1
+        assert kills >= 1
         final = WorkerProcess(tmp_path, tiny_models_dir, len(workers))
         final.wait_ready()
         ids = [poison["id"]] + [j["id"] for j in jobs]
