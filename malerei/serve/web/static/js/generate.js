@@ -14,7 +14,7 @@ let form;
 let source;            // SourceCanvas
 let sourceDataURL = null;
 let lastSeed = null;
-let active = null;     // {id, events, poll, cancelled}
+let active = null;     // the job being followed: {id, events, poll, finished}
 let shownJob = null;
 
 export function mode() { return $("input[name=mode]:checked", form).value; }
