@@ -148,6 +148,7 @@ def test_first_run_to_inpaint_and_upscale(fresh_server, tab, tmp_path):
     detail = expect_job_outcome(page, "upscale", kind_label="Upscale")
     assert recipe_value(detail, "Size") == "128 × 128"
     assert recipe_value(detail, "Upscaler") == "4x-Tiny"
+    expect(detail.locator("dl.recipe dt:text-is('Seed')")).to_have_count(0)  # no seed of its own
     expect(detail.get_by_role("button", name="Use these settings")).to_have_count(0)  # nothing to reuse
 
 

@@ -24,14 +24,15 @@ const FIELDS = {
 // handlers: useSettings(job, image), sendTo(mode, image), and optionally remove(image)
 export function renderDetail(container, { image, job }, handlers) {
   const params = (job && job.params) || {};
+  const kind = job ? job.kind : "txt2img";
+  const diffusion = !FIELDS[kind];  // upscale/restore have no prompt, model or seed of their own
   const rows = [
-    ...(image.prompt || !job || !FIELDS[job.kind] ? [["Prompt", image.prompt || "—"]] : []),
-    ["Kind", KIND_NAMES[job ? job.kind : "txt2img"] || (job && job.kind)],
-    ["Model", (job && job.model) || "default"],
-    ["Seed", image.seed],
+    ...(diffusion || image.prompt ? [["Prompt", image.prompt || "—"]] : []),
+    ["Kind", KIND_NAMES[kind] || kind],
+    ...(diffusion ? [["Model", (job && job.model) || "default"], ["Seed", image.seed]] : []),
     ["Size", `${image.width} × ${image.height}`],
   ];
-  for (const [key, label] of FIELDS[job ? job.kind : "txt2img"] || DIFFUSION_FIELDS) {
+  for (const [key, label] of FIELDS[kind] || DIFFUSION_FIELDS) {
     const value = params[key];
     if (value !== undefined && value !== null && value !== "") rows.push([label, value]);
   }
