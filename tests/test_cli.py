@@ -124,3 +124,23 @@ def test_bad_input_is_one_error_line_and_exit_2(name, tmp_path):
     assert lines[0].startswith("error: ") and words in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_generate_with_hires_fix_writes_the_larger_image(tiny_sd1, tmp_path):
+    from PIL import Image
+
+    from malerei.engine.metadata import read_png_metadata
+
+    result = run_cli("generate", "a red circle", "--model", tiny_sd1.folder, "--steps", 2, "--seed", 5,
+                     "--width", 64, "--height", 64, "--hires-scale", 2, "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [path] = paths_of(result)
+    path = tmp_path / path
+    assert Image.open(path).size == (128, 128)
+    assert "Hires upscale: 2" in read_png_metadata(path).infotext
+
+
+def test_bad_hires_scale_is_one_line(tiny_sd1, tmp_path):
+    result = run_cli("generate", "a red circle", "--model", tiny_sd1.folder, "--hires-scale", 9, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-tiling", action="store_true", default=None, help="decode large images tile by tile")
     p.add_argument("--cpu-offload", choices=("model", "sequential"), default=None,
                    help="keep weights in CPU memory, move them to the GPU when used")
+    from malerei.commands import edit
+
+    edit.add_hires_options(p)
     p.set_defaults(func=cmd_generate)
 
     from malerei.commands import listing
@@ -371,9 +374,12 @@ def cmd_generate(args) -> int:
     import torch
 
     from malerei.engine import metadata
-    from malerei.engine.pipeline import generate
 
+    from malerei.commands import edit
+
+    hires = edit.hires_options(args)  # checked before the model loads
     model = _load(jobs, args)
+    upscaler = edit.hires_upscaler(hires, args)
     for job in jobs.jobs:
         made_with = (job.expect_hash or "").lower()
         if made_with and not (made_with.startswith(model.short_hash) or model.short_hash.startswith(made_with)):
@@ -383,8 +389,8 @@ def cmd_generate(args) -> int:
         for index, job in enumerate(jobs.jobs):
             update, done = progress.job(index, job.params.seed, job.params.batch_size)
             try:
-                results = generate(model, job.params, progress=update, preview_every=0,
-                                   models_dir=args.models_dir)
+                results = edit.generate_images(model, job.params, args, upscaler=upscaler, progress=update,
+                                               preview_every=0, models_dir=args.models_dir)
             except torch.OutOfMemoryError:
                 raise InvalidParameter(
                     f"out of {model.pipe.device.type} memory at {job.params.width or 'default'} x "
