@@ -55,7 +55,6 @@ def main() -> int:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from malerei.engine.batch import generate_many
     from malerei.engine.loading import load_model
     from malerei.engine.pipeline import GenerationParams, generate
 
