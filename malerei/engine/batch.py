@@ -57,7 +57,7 @@ def generate_many(model: Any, params: Sequence[Any], *, progress: Callable | Non
         show = preview_every and ((i + 1) % preview_every == 0 or i + 1 == total)
         progress(i + 1, total, (denoised if denoised is not None else x) if show else None)
 
-    with torch.inference_mode(), P._hold_model(model, mutates=P.needs_vae_upcast(pipe)):
+    with torch.inference_mode(), P.hold_model(model, mutates=P.needs_vae_upcast(pipe)):
         # 2. Encode prompts: row r belongs to image r of the concatenated batches
         tokenizers, encoders = P._text_components(pipe, model.family)
         embeds = encode_prompts(

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,23 +137,6 @@ def unet_kind(model: LoadedModel) -> str:
 # Holding the model (as pipeline.run_job does) and encoding with the VAE
 
 
-@contextmanager
-def _hold(model: LoadedModel, *, mutates: bool):
-    from malerei.engine.pipeline import model_guard
-
-    guard = model_guard(model)
-    if not mutates:
-        with guard.shared():
-            yield
-        return
-    with ExitStack() as stack:
-        lock = getattr(model, "lock", None)
-        if lock is not None:
-            stack.enter_context(lock)
-        stack.enter_context(guard.exclusive())
-        yield
-
-
 def _job_mutates(model: LoadedModel, job: ResolvedParams) -> bool:
     from malerei.engine.pipeline import needs_vae_upcast
     from malerei.engine.prompts import extract_lora_tags
@@ -162,33 +144,17 @@ def _job_mutates(model: LoadedModel, job: ResolvedParams) -> bool:
     return bool(extract_lora_tags(job.prompt)[1]) or needs_vae_upcast(model.pipe)
 
 
-def normalise_latents(vae, raw: torch.Tensor) -> torch.Tensor:
-    """VAE latents -> the sampler's scaling (the inverse of the pipeline's decode step)."""
-    import torch
-
-    config = vae.config
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, raw.shape[1], 1, 1)
-        mean_t = torch.tensor(mean).view(shape).to(raw.device, raw.dtype)
-        std_t = torch.tensor(std).view(shape).to(raw.device, raw.dtype)
-        return (raw - mean_t) * config.scaling_factor / std_t
-    shift = getattr(config, "shift_factor", None) or 0.0
-    return (raw - shift) * config.scaling_factor
-
-
 def encode_latents(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] [N, 3, H, W] -> latents as the sampler sees them (posterior mean)."""
     import torch
 
-    from malerei.engine.pipeline import execution_device, module_dtype, needs_vae_upcast
+    from malerei.engine.pipeline import execution_device, hold_model, module_dtype, needs_vae_upcast, normalise_latents
 
     pipe = model.pipe
     vae = pipe.vae
     device = execution_device(pipe)
     upcast = needs_vae_upcast(pipe)
-    with torch.inference_mode(), _hold(model, mutates=upcast):
+    with torch.inference_mode(), hold_model(model, mutates=upcast):
         if upcast:
             vae.to(dtype=torch.float32)
             try:
@@ -281,7 +247,7 @@ def _run(model: LoadedModel, job: ResolvedParams, *, init_latents: torch.Tensor,
          progress=None, cancel=None, preview_every: int = 0, models_dir: Path | None = None,
          blend: Callable | None = None) -> list[GeneratedImage]:
     from malerei.engine import noise
-    from malerei.engine.pipeline import run_job
+    from malerei.engine.pipeline import hold_model, run_job
 
     if init_latents.shape[0] == 1 and job.batch_size > 1:
         init_latents = init_latents.repeat(job.batch_size, 1, 1, 1)
@@ -297,7 +263,7 @@ def _run(model: LoadedModel, job: ResolvedParams, *, init_latents: torch.Tensor,
             raise InvalidParameter(f"{model.name} is an inpainting model; it needs a mask")
         return run_job(model, job, **kwargs)
     view = dataclasses.replace(model, pipe=_PipeView(model.pipe, InpaintingUNet(model.pipe.unet, conditioning)))
-    with _hold(model, mutates=_job_mutates(model, job)):
+    with hold_model(model, mutates=_job_mutates(model, job)):
         return run_job(view, job, **kwargs)
 
 

@@ -330,7 +330,7 @@ def model_guard(model: LoadedModel) -> ModelGuard:
 
 
 @contextmanager
-def _hold_model(model: LoadedModel, *, mutates: bool):
+def hold_model(model: LoadedModel, *, mutates: bool):
     if not mutates:
         with model_guard(model).shared():
             yield
@@ -523,6 +523,13 @@ def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     finally:
         if upcast:
             vae.to(dtype=torch.float16)
+    return normalise_latents(vae, raw)
+
+
+def normalise_latents(vae, raw: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the sampler's scaling (the inverse of :func:`decode`'s normalisation)."""
+    import torch
+
     config = vae.config
     mean = getattr(config, "latents_mean", None)
     std = getattr(config, "latents_std", None)
@@ -788,7 +795,7 @@ def run_job(
         progress(i + 1, total, (denoised if denoised is not None else x) if show else None)
 
     mutates = bool(loras) or needs_vae_upcast(pipe)
-    with torch.inference_mode(), _hold_model(model, mutates=mutates), _loras_applied(model, loras, folder):
+    with torch.inference_mode(), hold_model(model, mutates=mutates), _loras_applied(model, loras, folder):
         # 2. Encode prompt
         embeds = encode(model, prompt, negative, batch_size=job.batch_size, clip_skip=job.clip_skip,
                         device=device, embeddings=_embeddings(model, folder))
