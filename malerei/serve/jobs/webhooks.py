@@ -42,7 +42,7 @@ def verify(secret: str, body: bytes, header: str, *, tolerance_s: int = 300) -> 
         return False
     if abs(time.time() - timestamp) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, body, timestamp), header)
+    return hmac.compare_digest(sign(secret, body, timestamp).encode(), header.encode())
 
 
 def _public_address(url: str) -> bool:

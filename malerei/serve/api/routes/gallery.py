@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import select
 
+from malerei.serve.accounts.tokens import same
 from malerei.serve.api.deps import CurrentUser, OwnedImage, ServicesDep
 from malerei.serve.api.schemas import ImageList, ImagePublic
 from malerei.serve.context import Services
@@ -99,7 +100,7 @@ def signed_download(services: ServicesDep, image_id: str, expires: Annotated[int
                     signature_: Annotated[str, Query(alias="signature", max_length=128)] = "") -> Response:
     """An image by a signed, expiring URL (as returned in OpenAI ``url`` results)."""
     good = signature(services.settings.secret_key, image_id, expires)
-    if expires < time.time() or not hmac.compare_digest(good, signature_):
+    if expires < time.time() or not same(good, signature_):  # bytes compare: any text is safe
         raise not_found("image")
     with services.db.read() as session:
         image = session.get(Image, image_id)
