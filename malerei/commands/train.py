@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = tsub.add_parser("all", help="the whole recipe (render, VAE, latents, text encoder + UNet, export) in a time budget")
     a.add_argument("--runs", type=Path, required=True, help="run directories (outside the repo)")
     a.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
-    a.add_argument("--images", type=int, default=60_000, help="renders to train on")
-    a.add_argument("--vae-minutes", type=float, default=40.0)
-    a.add_argument("--unet-minutes", type=float, default=120.0)
+    a.add_argument("--images", type=int, default=120_000, help="renders to train on")
+    a.add_argument("--vae-minutes", type=float, default=35.0)
+    a.add_argument("--unet-minutes", type=float, default=100.0)
     a.add_argument("--device", default="auto")
     a.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     a.set_defaults(func=run_all)
@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--lr", type=float)
     u.add_argument("--device")
     u.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
+    u.add_argument("--vae", type=Path, help="the VAE run: evaluate the EMA weights every --eval-every steps (eval.csv)")
+    u.add_argument("--eval-every", type=int)
+    u.add_argument("--threads", type=int, help="torch CPU threads")
     u.set_defaults(func=run_unet)
 
     e = tsub.add_parser("export", help="write the diffusers StableDiffusionPipeline folder")
@@ -131,14 +134,21 @@ def run_latents(args: argparse.Namespace) -> int:
 
 
 def run_unet(args: argparse.Namespace) -> int:
-    from malerei.train.diffusion import DiffusionConfig, train_diffusion
+    from malerei.train.diffusion import DiffusionConfig, periodic_evaluator, train_diffusion
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = _config(
-        DiffusionConfig, args.run, args, {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes"}
+        DiffusionConfig, args.run, args,
+        {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes",
+         "eval_every": "eval_every"},
     )
+    evaluate = periodic_evaluator(config, args.vae, args.latents, args.run) if args.vae else None
     bar, on_step = _progress(config.steps, 0, "unet", ["loss", "samples_per_s"])
     with bar:
-        train_diffusion(config, args.latents, args.run, on_step=on_step)
+        train_diffusion(config, args.latents, args.run, on_step=on_step, evaluate=evaluate)
     print(args.run / "checkpoint.pt")
     return 0
 

@@ -23,11 +23,10 @@ MODEL_DEFAULTS = {
 
 
 def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use_ema: bool = True):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     from malerei.train.common import load_checkpoint
-    from malerei.train.diffusion import DiffusionConfig, build_text_encoder, build_unet, scheduler_config
+    from malerei.train.diffusion import DiffusionConfig, build_text_encoder, build_unet
     from malerei.train.vae import load_trained_vae
 
     raw = json.loads((diffusion_run / "config.json").read_text())
@@ -44,19 +43,26 @@ def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use
     unet.load_state_dict(state["ema_unet"] if use_ema else state["unet"])
     text_encoder.load_state_dict(state["ema_text"] if use_ema else state["text_encoder"])
     scale = json.loads((latents_dir / "scale.json").read_text())["scaling_factor"]
-    vae.register_to_config(scaling_factor=scale)
-    scheduler = EulerDiscreteScheduler.from_config(scheduler_config(config))
-    pipe = StableDiffusionPipeline(
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, config, scale), {"steps": state["step"]}
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, config, scaling_factor: float):
+    """A stock StableDiffusionPipeline from trained parts, with the training noise schedule."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from malerei.train.diffusion import scheduler_config
+
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=scheduler,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config(config)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe, {"steps": state["step"]}
 
 
 def export_pipeline(pipe, out_dir: Path, *, training: dict | None = None) -> Path:

@@ -27,13 +27,12 @@ from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_v
 class RecipeConfig:
     runs: Path  # run directories (data, vae, latents, unet): outside the repo, may be large
     out: Path  # the exported diffusers folder
-    n_images: int = 60_000  # renders; each is seen several times in a CPU budget
-    vae_minutes: float = 40.0
-    unet_minutes: float = 120.0
+    n_images: int = 120_000  # renders (about a minute); the UNet sees each a few times in a CPU budget
+    vae_minutes: float = 35.0
+    unet_minutes: float = 100.0
     device: str = "auto"
-    vae: VAEConfig = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, mid_block_attention=False,
-                               batch_size=16, lr=1e-3, warmup=100)
-    unet: DiffusionConfig = DiffusionConfig(batch_size=32, lr=5e-4, warmup=300)
+    vae: VAEConfig = VAEConfig()
+    unet: DiffusionConfig = DiffusionConfig()
 
 
 def _sized_steps(probe: Callable[[Path, int], None], scratch: Path, minutes: float, probe_steps: int = 8) -> int:

@@ -83,3 +83,37 @@ def test_unet_resume_gives_the_same_weights_and_exports_a_stock_pipeline(shards,
     image = stock("a small red circle in the center on a blue background", num_inference_steps=2,
                   generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_periodic_evaluation_writes_adherence_against_training_time(shards, tmp_path):
+    from malerei.train.diffusion import periodic_evaluator
+    from malerei.world.eval_set import eval_cases
+
+    images, _ = read_shards(shards)
+    train_vae(TINY_VAE, images, tmp_path / "vae")
+    prepare_latents(shards, tmp_path / "vae", tmp_path / "latents")
+    config = replace(TINY_UNET, eval_every=2)
+    cases = eval_cases(seen=2, heldout=1, two=1)
+    evaluate = periodic_evaluator(config, tmp_path / "vae", tmp_path / "latents", tmp_path / "unet", cases=cases)
+    train_diffusion(config, tmp_path / "latents", tmp_path / "unet", evaluate=evaluate)
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "unet" / "eval.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert float(rows[0]["minutes"]) <= float(rows[1]["minutes"])
+    for name in ("seen_adherence", "heldout_position", "two_adherence", "two_objects"):
+        assert 0.0 <= float(rows[-1][name]) <= 1.0
+    # The minutes are training time: the evaluation's own time is not counted.
+    assert load_checkpoint(tmp_path / "unet" / "checkpoint.pt")["seconds"] / 60 >= float(rows[-1]["minutes"]) - 0.006  # rounded to 2 places
+
+
+def test_norms_keep_flat_colour():
+    """GroupNorm with one channel a group would remove a flat background's colour before the output
+    conv; the shipped configs keep several channels a group."""
+    from malerei.train.diffusion import build_unet
+    from malerei.train.vae import build_vae
+
+    vae, unet = build_vae(VAEConfig()), build_unet(DiffusionConfig(), 8, 16)
+    for model in (vae, unet):
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
