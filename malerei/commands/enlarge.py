@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Enlarge each IMAGE --scale times with a spandrel super-resolution model (ESRGAN, "
                     "Real-ESRGAN, SwinIR, HAT, DAT, Compact, ...) in overlapping tiles.",
     ))
-    p.add_argument("--scale", type=float, default=4.0, help="enlargement factor, e.g. 2 or 4 (1..8, default 4)")
+    p.add_argument("--scale", type=float, default=4.0,
+                   help="enlargement factor, e.g. 2 or 4 (1..8, default 4); the model runs until the image is at "
+                        "least that large, then Lanczos gives the exact size (an x4 model at --scale 2: x4, "
+                        "then halved)")
     p.add_argument("--model", metavar="NAME|PATH", default=None,
                    help="upscaler file, or its name in the models folder's ESRGAN/, RealESRGAN/, SwinIR/, "
                         "upscale_models/ (default: the built-in shapes-world model)")

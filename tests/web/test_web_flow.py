@@ -142,7 +142,8 @@ def test_first_run_to_inpaint_and_upscale(fresh_server, tab, tmp_path):
     grid.first.get_by_role("button").click()
     viewer.get_by_role("button", name="Upscale").click()
     expect(page.get_by_role("radio", name="Upscale")).to_be_checked()
-    expect(page.get_by_label("Upscaler")).to_have_value("4x-Tiny")
+    expect(page.get_by_label("Upscaler")).to_have_value("shapes-x4")  # the built-in one is preselected
+    page.get_by_label("Upscaler").select_option("4x-Tiny")
     expect(page.locator("#source-info")).to_contain_text("Result: 128 × 128.")
     page.get_by_role("button", name="Generate").click()
     detail = expect_job_outcome(page, "upscale", kind_label="Upscale")
