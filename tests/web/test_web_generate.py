@@ -56,7 +56,8 @@ def test_batch_results_and_use_these_settings(server, user, tab):
     # one click sends a result to Restore
     detail.get_by_role("button", name="Restore").click()
     expect(page.get_by_role("radio", name="Restore")).to_be_checked()
-    expect(page.get_by_label("Restorer")).to_have_value("tiny-restore")
+    expect(page.get_by_label("Restorer")).to_have_value("shapes-restore")  # the built-in one is preselected
+    page.get_by_label("Restorer").select_option("tiny-restore")
     page.get_by_label("Restore strength").fill("0.5")
     page.get_by_role("button", name="Generate").click()
     restored = _outcome(page, "Restore")
