@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--images", type=int, default=120_000, help="renders to train on")
     a.add_argument("--vae-minutes", type=float, default=35.0)
     a.add_argument("--unet-minutes", type=float, default=100.0)
+    a.add_argument("--decoder-minutes", type=float, default=20.0, help="decoder fine-tuning after the UNet (0: none)")
     a.add_argument("--device", default="auto")
     a.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     a.set_defaults(func=run_all)
@@ -32,6 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--device")
     v.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
     v.set_defaults(func=run_vae)
+
+    d = tsub.add_parser("decoder", help="fine-tune a trained VAE's decoder with its encoder frozen (same latents)")
+    d.add_argument("--vae", type=Path, required=True, help="the trained VAE run whose latents the UNet uses")
+    d.add_argument("--data", type=Path, required=True)
+    d.add_argument("--run", type=Path, required=True)
+    d.add_argument("--steps", type=int, default=3000)
+    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--device")
+    d.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
+    d.set_defaults(func=run_decoder)
 
     lat = tsub.add_parser("latents", help="encode all shards once with the trained VAE")
     lat.add_argument("--data", type=Path, required=True)
@@ -95,12 +106,12 @@ def run_all(args: argparse.Namespace) -> int:
     from malerei.engine.errors import InvalidParameter
     from malerei.train.recipe import RecipeConfig, run_recipe
 
-    if args.images < 100 or args.vae_minutes <= 0 or args.unet_minutes <= 0:
-        raise InvalidParameter("--images must be at least 100 and the minutes positive")
+    if args.images < 100 or args.vae_minutes <= 0 or args.unet_minutes <= 0 or args.decoder_minutes < 0:
+        raise InvalidParameter("--images must be at least 100, the VAE and UNet minutes positive, the decoder's not negative")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = RecipeConfig(runs=args.runs, out=args.out, n_images=args.images, vae_minutes=args.vae_minutes,
-                          unet_minutes=args.unet_minutes, device=args.device)
+                          unet_minutes=args.unet_minutes, decoder_minutes=args.decoder_minutes, device=args.device)
     def on_step(stage: str, step: int, stats: dict) -> None:
         line = "  ".join(f"{k} {v:.4g}" for k, v in stats.items())
         print(f"{stage} step {step}: {line}", file=sys.stderr, flush=True)
@@ -118,6 +129,29 @@ def run_vae(args: argparse.Namespace) -> int:
     )
     images, _ = read_shards(args.data)
     bar, on_step = _progress(config.steps, 0, "vae", ["loss", "psnr_batch", "samples_per_s"])
+    with bar:
+        train_vae(config, images, args.run, on_step=on_step)
+    metrics = evaluate_vae(load_trained_vae(args.run))
+    (args.run / "eval.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
+    return 0
+
+
+def run_decoder(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
+    from malerei.world.shards import read_shards
+
+    if (args.run / "config.json").exists():
+        config = _config(VAEConfig, args.run, args, {"device": "device", "minutes": "time_limit_minutes"})
+    else:
+        base = _config(VAEConfig, args.vae, argparse.Namespace(), {})
+        # Another batch seed: the base run has seen its first epoch's order already.
+        config = replace(base, decoder_from=str(args.vae), steps=args.steps, lr=args.lr, warmup=50, seed=base.seed + 1,
+                         time_limit_minutes=args.minutes or 0.0, device=args.device or base.device)
+    images, _ = read_shards(args.data)
+    bar, on_step = _progress(config.steps, 0, "decoder", ["loss", "psnr_batch", "samples_per_s"])
     with bar:
         train_vae(config, images, args.run, on_step=on_step)
     metrics = evaluate_vae(load_trained_vae(args.run))

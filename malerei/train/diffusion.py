@@ -279,7 +279,7 @@ def train_diffusion(
                     "seconds": seconds_before + time.time() - started - eval_seconds,
                 },
             )
-        if evaluate and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        if evaluate and config.eval_every and (step % config.eval_every == 0 or step == config.steps or out_of_time):
             t_eval = time.time()
             evaluate(ema_unet, ema_text, tokenizer, step, (seconds_before + t_eval - started - eval_seconds) / 60)
             eval_seconds += time.time() - t_eval

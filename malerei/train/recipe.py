@@ -16,10 +16,10 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from malerei.train.diffusion import DiffusionConfig, prepare_latents, train_diffusion
+from malerei.train.diffusion import DiffusionConfig, periodic_evaluator, prepare_latents, train_diffusion
 from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
 
 
@@ -30,9 +30,11 @@ class RecipeConfig:
     n_images: int = 120_000  # renders (about a minute); the UNet sees each a few times in a CPU budget
     vae_minutes: float = 35.0
     unet_minutes: float = 100.0
+    decoder_minutes: float = 20.0  # 0: ship the VAE's own decoder
+    eval_set: tuple[int, int, int] = (60, 20, 40)  # periodic evaluation: seen, held-out, two-object prompts
     device: str = "auto"
-    vae: VAEConfig = VAEConfig()
-    unet: DiffusionConfig = DiffusionConfig()
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
 def _sized_steps(probe: Callable[[Path, int], None], scratch: Path, minutes: float, probe_steps: int = 8) -> int:
@@ -46,9 +48,22 @@ def _sized_steps(probe: Callable[[Path, int], None], scratch: Path, minutes: flo
     return max(int(minutes * 60 / per_step), 10)
 
 
+def _with_steps(config, run_dir: Path, scratch: Path, train: Callable[[object, Path], object]):
+    """The run's step count: the one fixed in its config.json at its first start, else sized by a
+    probe so that its learning-rate schedule ends when its minutes do."""
+    if (run_dir / "config.json").exists():
+        return replace(config, steps=json.loads((run_dir / "config.json").read_text())["steps"])
+
+    def probe(d: Path, steps: int) -> None:
+        train(replace(config, steps=steps, checkpoint_every=10**9, time_limit_minutes=0), d)
+
+    return replace(config, steps=_sized_steps(probe, scratch, config.time_limit_minutes))
+
+
 def run_recipe(config: RecipeConfig, *, log: Callable[[str], None] = print,
                on_step: Callable[[str, int, dict], None] | None = None) -> Path:
     from malerei.train.export import build_pipeline, export_pipeline
+    from malerei.world.eval_set import eval_cases
     from malerei.world.shards import ShardSpec, read_shards, write_shards
 
     runs = config.runs
@@ -61,13 +76,10 @@ def run_recipe(config: RecipeConfig, *, log: Callable[[str], None] = print,
 
     # 2. VAE
     vae_run = runs / "vae"
-    vae_cfg = replace(config.vae, device=config.device, time_limit_minutes=config.vae_minutes)
-    if (vae_run / "config.json").exists():
-        vae_cfg = replace(vae_cfg, steps=json.loads((vae_run / "config.json").read_text())["steps"])
-    else:
-        def probe(d: Path, steps: int) -> None:
-            train_vae(replace(vae_cfg, steps=steps, checkpoint_every=10**9, time_limit_minutes=0), images, d)
-        vae_cfg = replace(vae_cfg, steps=_sized_steps(probe, runs / "probe", config.vae_minutes))
+    vae_cfg = _with_steps(
+        replace(config.vae, device=config.device, time_limit_minutes=config.vae_minutes), vae_run, runs / "probe",
+        lambda cfg, d: train_vae(cfg, images, d),
+    )
     log(f"vae: {vae_cfg.steps} steps")
     train_vae(vae_cfg, images, vae_run, on_step=(lambda s, st: on_step("vae", s, st)) if on_step else None)
     metrics = evaluate_vae(load_trained_vae(vae_run))
@@ -85,18 +97,30 @@ def run_recipe(config: RecipeConfig, *, log: Callable[[str], None] = print,
 
     # 4. Text encoder + UNet
     unet_run = runs / "unet"
-    unet_cfg = replace(config.unet, device=config.device, time_limit_minutes=config.unet_minutes)
-    if (unet_run / "config.json").exists():
-        unet_cfg = replace(unet_cfg, steps=json.loads((unet_run / "config.json").read_text())["steps"])
-    else:
-        def probe(d: Path, steps: int) -> None:
-            train_diffusion(replace(unet_cfg, steps=steps, checkpoint_every=10**9, time_limit_minutes=0), lat, d)
-        unet_cfg = replace(unet_cfg, steps=_sized_steps(probe, runs / "probe", config.unet_minutes))
+    unet_cfg = _with_steps(
+        replace(config.unet, device=config.device, time_limit_minutes=config.unet_minutes), unet_run, runs / "probe",
+        lambda cfg, d: train_diffusion(cfg, lat, d),
+    )
     log(f"unet: {unet_cfg.steps} steps")
-    train_diffusion(unet_cfg, lat, unet_run, on_step=(lambda s, st: on_step("unet", s, st)) if on_step else None)
+    train_diffusion(unet_cfg, lat, unet_run, on_step=(lambda s, st: on_step("unet", s, st)) if on_step else None,
+                    evaluate=periodic_evaluator(unet_cfg, vae_run, lat, unet_run, cases=eval_cases(**dict(zip(("seen", "heldout", "two"), config.eval_set)))))
 
-    # 5. Export
-    pipe, info = build_pipeline(vae_run, lat, unet_run)
+    # 5. The decoder sharpens on, its encoder (the UNet's latent space) frozen
+    decoder_run = runs / "decoder"
+    if config.decoder_minutes > 0:
+        dec_cfg = _with_steps(
+            replace(vae_cfg, decoder_from=str(vae_run), seed=vae_cfg.seed + 1, lr=3e-4, warmup=50,
+                    time_limit_minutes=config.decoder_minutes), decoder_run, runs / "probe",
+            lambda cfg, d: train_vae(cfg, images, d),
+        )
+        log(f"decoder: {dec_cfg.steps} steps")
+        train_vae(dec_cfg, images, decoder_run, on_step=(lambda s, st: on_step("decoder", s, st)) if on_step else None)
+        metrics = evaluate_vae(load_trained_vae(decoder_run))
+        (decoder_run / "eval.json").write_text(json.dumps(metrics, indent=2))
+        log(f"decoder: {json.dumps(metrics)}")
+
+    # 6. Export
+    pipe, info = build_pipeline(decoder_run if config.decoder_minutes > 0 else vae_run, lat, unet_run)
     export_pipeline(pipe, config.out, training={"unet_steps": info["steps"]})
     log(f"exported {config.out} (UNet step {info['steps']} of {unet_cfg.steps})")
     return config.out

@@ -43,6 +43,10 @@ class VAEConfig:
     # sampling drowns the latent in noise until the encoder learns to shrink it, which costs
     # thousands of steps. With a KL weight of 1e-6 the model is a deterministic autoencoder anyway.
     sample_posterior: bool = False
+    # Decoder-only fine-tuning: the path of a trained VAE run whose weights start this run, with
+    # the encoder frozen. The latent space stays exactly the one the UNet was trained on, so the
+    # decoder can go on sharpening (small triangles' apexes) while, or after, the UNet trains.
+    decoder_from: str = ""
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -100,7 +104,13 @@ def train_vae(
     save_config(run_dir, config)
     torch.manual_seed(config.seed)
     vae = build_vae(config).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    trained = vae.parameters()
+    if config.decoder_from:
+        vae.load_state_dict(load_checkpoint(Path(config.decoder_from) / "checkpoint.pt")["model"])
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False)
+        trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(trained, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ckpt_path = run_dir / "checkpoint.pt"
     step = 0
     if (state := load_checkpoint(ckpt_path)) is not None:
@@ -118,8 +128,9 @@ def train_vae(
         for group in opt.param_groups:
             group["lr"] = lr
         x = to_model_space(data[batch_indices(len(data), config.batch_size, config.seed, step)]).to(device)
-        with autocast:
+        with autocast, torch.set_grad_enabled(not config.decoder_from):
             posterior = vae.encode(x).latent_dist
+        with autocast:
             z = posterior.mean
             if config.sample_posterior:
                 eps = torch.randn(z.shape, generator=step_generator(config.seed, step), dtype=torch.float32).to(device)

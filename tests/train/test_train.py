@@ -1,5 +1,6 @@
 """Training loops: resumable to the same weights, and the recipe's pieces fit together end to end."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,3 +118,45 @@ def test_norms_keep_flat_colour():
     for model in (vae, unet):
         norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
         assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
+
+
+def test_decoder_fine_tuning_keeps_the_latent_space(shards, tmp_path):
+    from malerei.train.vae import to_model_space
+
+    images, _ = read_shards(shards)
+    train_vae(TINY_VAE, images, tmp_path / "vae")
+    tuned = replace(TINY_VAE, decoder_from=str(tmp_path / "vae"), seed=1)
+    train_vae(tuned, images, tmp_path / "decoder")
+    base = load_checkpoint(tmp_path / "vae" / "checkpoint.pt")["model"]
+    new = load_checkpoint(tmp_path / "decoder" / "checkpoint.pt")["model"]
+    frozen = [k for k in base if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(base[k], new[k]) for k in frozen), "the encoder (the UNet's latent space) moved"
+    assert any(not torch.equal(base[k], new[k]) for k in base if k.startswith("decoder.")), "the decoder did not train"
+    from malerei.train.vae import load_trained_vae
+
+    x = to_model_space(torch.from_numpy(images[:2]))
+    with torch.no_grad():
+        za = load_trained_vae(tmp_path / "vae").encode(x).latent_dist.mean
+        zb = load_trained_vae(tmp_path / "decoder").encode(x).latent_dist.mean
+    assert torch.equal(za, zb)
+
+
+def test_recipe_runs_from_nothing_to_a_stock_pipeline_folder(tmp_path):
+    """`malerei train all` end to end at toy size: render, VAE, latents, UNet (evaluated), decoder, export."""
+    from diffusers import StableDiffusionPipeline
+
+    from malerei.train.recipe import RecipeConfig, run_recipe
+
+    config = RecipeConfig(runs=tmp_path / "runs", out=tmp_path / "model", n_images=24, vae_minutes=0.01,
+                          unet_minutes=0.01, decoder_minutes=0.01, device="cpu", eval_set=(2, 1, 1),
+                          vae=replace(TINY_VAE, steps=10**6), unet=replace(TINY_UNET, steps=10**6))
+    lines = []
+    run_recipe(config, log=lines.append)
+    runs = tmp_path / "runs"
+    for run in ("vae", "unet", "decoder"):
+        assert (runs / run / "checkpoint.pt").exists() and (runs / run / "config.json").exists(), run
+    assert json.loads((runs / "decoder" / "config.json").read_text())["decoder_from"] == str(runs / "vae")
+    assert (runs / "unet" / "eval.csv").read_text().count("\n") == 2  # header + the final evaluation
+    assert any(line.startswith("exported") for line in lines)
+    stock = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
+    assert stock.vae.config.latent_channels == TINY_VAE.latent_channels
