@@ -63,6 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--threads", type=int, help="torch CPU threads")
     u.set_defaults(func=run_unet)
 
+    c = tsub.add_parser("card", help="write the exported model's card, CI floors and pictures from the runs' records")
+    c.add_argument("--model", type=Path, required=True, help="the exported diffusers folder")
+    c.add_argument("--vae", type=Path, required=True, help="the VAE (or decoder) run that was exported")
+    c.add_argument("--unet", type=Path, required=True)
+    c.add_argument("--eval", type=Path, required=True, help="`malerei eval` output (full prompt list) of the exported model")
+    c.add_argument("--quick", type=Path, required=True, help="`malerei eval --quick` output: the CI floors come from it")
+    c.add_argument("--notes", type=Path, help="a Markdown file appended to the card (status, limits)")
+    c.set_defaults(func=run_card)
+
     e = tsub.add_parser("export", help="write the diffusers StableDiffusionPipeline folder")
     e.add_argument("--vae", type=Path, required=True)
     e.add_argument("--latents", type=Path, required=True)
@@ -122,17 +131,23 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 def run_vae(args: argparse.Namespace) -> int:
-    from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
-    from malerei.world.shards import read_shards
+    from malerei.train.vae import VAEConfig
 
     config = _config(VAEConfig, args.run, args, {"steps": "steps", "batch_size": "batch_size", "device": "device", "minutes": "time_limit_minutes"}
     )
-    images, _ = read_shards(args.data)
-    bar, on_step = _progress(config.steps, 0, "vae", ["loss", "psnr_batch", "samples_per_s"])
+    return _train_and_evaluate_vae(config, args.data, args.run, "vae")
+
+
+def _train_and_evaluate_vae(config, data: Path, run: Path, label: str) -> int:
+    from malerei.train.vae import evaluate_vae, load_trained_vae, train_vae
+    from malerei.world.shards import read_shards
+
+    images, _ = read_shards(data)
+    bar, on_step = _progress(config.steps, 0, label, ["loss", "psnr_batch", "samples_per_s"])
     with bar:
-        train_vae(config, images, args.run, on_step=on_step)
-    metrics = evaluate_vae(load_trained_vae(args.run))
-    (args.run / "eval.json").write_text(json.dumps(metrics, indent=2))
+        train_vae(config, images, run, on_step=on_step)
+    metrics = evaluate_vae(load_trained_vae(run))
+    (run / "eval.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics))
     return 0
 
@@ -140,8 +155,7 @@ def run_vae(args: argparse.Namespace) -> int:
 def run_decoder(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
-    from malerei.world.shards import read_shards
+    from malerei.train.vae import VAEConfig
 
     if (args.run / "config.json").exists():
         config = _config(VAEConfig, args.run, args, {"device": "device", "minutes": "time_limit_minutes"})
@@ -150,14 +164,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         # Another batch seed: the base run has seen its first epoch's order already.
         config = replace(base, decoder_from=str(args.vae), steps=args.steps, lr=args.lr, warmup=50, seed=base.seed + 1,
                          time_limit_minutes=args.minutes or 0.0, device=args.device or base.device)
-    images, _ = read_shards(args.data)
-    bar, on_step = _progress(config.steps, 0, "decoder", ["loss", "psnr_batch", "samples_per_s"])
-    with bar:
-        train_vae(config, images, args.run, on_step=on_step)
-    metrics = evaluate_vae(load_trained_vae(args.run))
-    (args.run / "eval.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics))
-    return 0
+    return _train_and_evaluate_vae(config, args.data, args.run, "decoder")
 
 
 def run_latents(args: argparse.Namespace) -> int:
@@ -192,4 +199,25 @@ def run_export(args: argparse.Namespace) -> int:
 
     pipe, info = build_pipeline(args.vae, args.latents, args.unet)
     print(export_pipeline(pipe, args.out, training={"unet_steps": info["steps"]}))
+    return 0
+
+
+def run_card(args: argparse.Namespace) -> int:
+    import shutil
+
+    from malerei.engine.errors import InvalidParameter
+    from malerei.train.model_card import floors_from, write_model_card
+
+    for path in (args.eval / "report.json", args.quick / "report.json", args.model / "model_index.json"):
+        if not path.exists():
+            raise InvalidParameter(f"{path} does not exist")
+    quick = json.loads((args.quick / "report.json").read_text())
+    (args.model / "floors.json").write_text(json.dumps(floors_from(quick), indent=2) + "\n")
+    shutil.copyfile(args.eval / "contact_sheet.png", args.model / "contact_sheet.png")
+    for name, run in (("vae_loss.png", args.vae), ("unet_loss.png", args.unet)):
+        if (run / "loss.png").exists():
+            shutil.copyfile(run / "loss.png", args.model / name)
+    notes = args.notes.read_text() if args.notes else ""
+    print(write_model_card(model_dir=args.model, vae_run=args.vae, unet_run=args.unet, eval_report=args.eval / "report.json",
+                           notes=notes))
     return 0

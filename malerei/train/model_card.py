@@ -19,6 +19,31 @@ def summary_table(summary: dict) -> str:
     return header + "\n".join(rows)
 
 
+def growth_table(eval_csv: Path) -> str:
+    """Adherence against training time, from the periodic evaluations (train_diffusion's eval.csv)."""
+    import csv
+
+    if not eval_csv.exists():
+        return "(no periodic evaluations recorded)"
+    rows = list(csv.DictReader(eval_csv.open()))
+    cols = ["seen_adherence", "heldout_adherence", "two_adherence", "seen_colour", "seen_shape", "seen_size", "seen_position"]
+    header = "| step | minutes | " + " | ".join(c.replace("_", " ") for c in cols) + " |\n|---|---|" + "---|" * len(cols) + "\n"
+    body = "\n".join(
+        f"| {r['step']} | {float(r['minutes']):.0f} | " + " | ".join(f"{float(r[c]):.0%}" if r.get(c) else "" for c in cols) + " |"
+        for r in rows
+    )
+    return header + body
+
+
+def floors_from(quick_report: dict, margin: float = 0.1) -> dict:
+    """CI floors: a margin below what the shipped weights measured on the quick prompt set (a couple
+    of images at its size), so float differences between machines pass and a broken model does not."""
+    return {
+        group: {k: round(max(0.0, v - margin), 2) for k, v in s.items() if k != "n"}
+        for group, s in quick_report["summary"].items()
+    }
+
+
 def write_model_card(*, model_dir: Path, vae_run: Path, unet_run: Path, eval_report: Path, notes: str = "",
                      sheet_name: str = "contact_sheet.png") -> Path:
     vae_cfg = json.loads((vae_run / "config.json").read_text())
@@ -51,6 +76,11 @@ and seeds; settings {json.dumps(report.get('settings', {}))}:
 sheet `{sheet_name}` shows the first 100 images with their captions.
 
 VAE round trip on the same renders: {json.dumps(vae_eval)}.
+
+Adherence against training time (the periodic evaluation during training: EMA weights, stock
+diffusers pipeline, 60 seen + 20 held-out + 40 two-object prompts, 20 steps, CFG 5):
+
+{growth_table(unet_run / "eval.csv")}
 
 ## Training recipe
 

@@ -160,3 +160,16 @@ def test_recipe_runs_from_nothing_to_a_stock_pipeline_folder(tmp_path):
     assert any(line.startswith("exported") for line in lines)
     stock = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
     assert stock.vae.config.latent_channels == TINY_VAE.latent_channels
+
+
+def test_model_card_floors_and_growth_table(tmp_path):
+    from malerei.train.model_card import floors_from, growth_table
+
+    report = {"summary": {"seen": {"adherence": 0.92, "colour": 0.05, "n": 24}, "two": {"objects": 0.5, "n": 16}}}
+    assert floors_from(report) == {"seen": {"adherence": 0.82, "colour": 0.0}, "two": {"objects": 0.4}}
+    csv_path = tmp_path / "eval.csv"
+    csv_path.write_text("step,minutes,seen_adherence,heldout_adherence,two_adherence,seen_colour,seen_shape,seen_size,seen_position\n"
+                        "1000,14.02,0.5,0.25,0.1,0.9,0.6,0.8,0.7\n")
+    table = growth_table(csv_path)
+    assert table.splitlines()[2] == "| 1000 | 14 | 50% | 25% | 10% | 90% | 60% | 80% | 70% |"
+    assert growth_table(tmp_path / "missing.csv").startswith("(no periodic")
