@@ -36,8 +36,15 @@ class Settings:
     models_dir: Path | None = None
     # The model of jobs that name none. None: the built-in model (else the first one found).
     default_model: str | None = None
-    # SQLAlchemy URL; None: SQLite file <data_dir>/malerei.db (WAL).
+    # SQLAlchemy URL; None: SQLite file <data_dir>/malerei.db (WAL). PostgreSQL:
+    # postgresql://user:password@host/db (driven by psycopg 3) for API servers and workers on
+    # several machines.
     database_url: str | None = None
+    # The job queue: None or "sql" (claims through the database), or a Redis URL
+    # (redis://host:6379/0, rediss://, unix://): Redis carries the queue, the leases and the
+    # wake-ups, and the rate limits are shared by every API server using it.
+    queue_url: str | None = None
+    redis_prefix: str = "malerei:"         # Redis key prefix: several deployments can share one Redis
     # Run a worker thread inside the server process (a separate `malerei worker` may run too).
     in_process_worker: bool = True
 
@@ -84,7 +91,19 @@ class Settings:
     # ----------------------------------------------------------------- derived paths
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'malerei.db'}"
+        url = self.database_url or f"sqlite:///{self.data_dir / 'malerei.db'}"
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; malerei installs psycopg 3
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg://" + url[len(plain):]
+        return url
+
+    @property
+    def redis_url(self) -> str | None:
+        """The Redis URL when the queue is Redis-backed, else None."""
+        if self.queue_url in (None, "", "sql"):
+            return None
+        return self.queue_url
 
     @property
     def images_dir(self) -> Path:
@@ -108,12 +127,23 @@ class Settings:
             )
         if not (0 < self.port < 65536):
             raise ConfigError(f"port must be 1..65535, got {self.port}")
+        check_queue_url(self.queue_url)
 
     def prepare_dirs(self) -> None:
         for path in (self.data_dir, self.images_dir, self.inputs_dir):
             path.mkdir(parents=True, exist_ok=True)
         if not self.secret_key:
             self.secret_key = load_or_create_secret(self.data_dir / "secret_key")
+
+
+QUEUE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_queue_url(url: str | None) -> None:
+    if url in (None, "", "sql") or url.startswith(QUEUE_SCHEMES):
+        return
+    raise ConfigError(f"queue {url!r} is not understood: use 'sql' (the database, the default) or a Redis URL "
+                      f"starting with {', '.join(QUEUE_SCHEMES)}")
 
 
 def load_or_create_secret(path: Path) -> str:

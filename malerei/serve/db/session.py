@@ -4,7 +4,12 @@ SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so a co
 credit entry survives power loss. Every transaction that writes starts with ``BEGIN IMMEDIATE``:
 writers queue on SQLite's lock (``busy_timeout``) instead of failing halfway with
 "database is locked" when a read transaction tries to upgrade. Readers use plain ``BEGIN`` and,
-thanks to WAL, never wait. Any other SQLAlchemy URL (PostgreSQL) uses ordinary transactions.
+thanks to WAL, never wait.
+
+Any other SQLAlchemy URL (PostgreSQL) uses ordinary READ COMMITTED transactions on one pool;
+where SQLite's single writer made a check-then-write safe, the code takes a row lock
+(``SELECT ... FOR UPDATE``: the user row on submission, the job row on completion) or claims
+with ``FOR UPDATE SKIP LOCKED``.
 """
 
 from __future__ import annotations
@@ -43,11 +48,15 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.is_postgresql = url.startswith("postgresql")
         if self.is_sqlite:
             self.read_engine = _sqlite_engine(url, "BEGIN")
             self.write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE")
         else:
-            self.read_engine = self.write_engine = create_engine(url, pool_pre_ping=True)
+            # as many connections as the SQLite pools; each process (API server, worker) has its
+            # own pool, so PostgreSQL's max_connections must cover 40 per process
+            self.read_engine = self.write_engine = create_engine(url, pool_pre_ping=True, pool_size=10,
+                                                                 max_overflow=30)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
 

@@ -1,15 +1,17 @@
 """The job queue: an interface, and its implementation on the SQL database.
 
-The API only calls :meth:`JobQueue.notify` and :meth:`JobQueue.depth` (the job row itself is
-written in the submission transaction); workers call the rest. Workers hold *leases*: a claimed
+The API only calls :meth:`JobQueue.notify` (after the submission transaction that wrote the job
+row has committed) and :meth:`JobQueue.depth`; workers call the rest. Workers hold *leases*: a claimed
 job carries ``lease_owner`` and ``lease_expires_at``, which the worker's heartbeat extends. A job
 whose lease ran out belongs to a dead worker and is queued again, or failed once it has been
 tried ``max_attempts`` times. Results are written only by the lease holder, inside the
 transaction that marks the job finished, so each result is stored exactly once.
 
 :class:`SqlJobQueue` runs on SQLite (``BEGIN IMMEDIATE`` serialises claims) and PostgreSQL
-(``FOR UPDATE SKIP LOCKED`` claims, row locks on completion); a Redis-backed queue implements the
-same methods.
+(``FOR UPDATE SKIP LOCKED`` claims, row locks on completion). ``redis_queue.RedisJobQueue``
+implements the same methods with the queue, leases and wake-ups in Redis; the job rows, the
+results and the decision who holds a job (``lease_owner``, checked under a row lock when a
+result is written) stay in the database with either.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class StoredImage:
 
 
 class JobQueue(Protocol):
-    def notify(self) -> None: ...
+    def notify(self, job: Job | None = None) -> None: ...
+    def wait(self, timeout: float) -> None: ...
     def depth(self) -> int: ...
     def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float) -> list[Job]: ...
     def extend(self, worker_id: str, job_ids: Sequence[str], lease_s: float) -> set[str]: ...
@@ -76,6 +79,35 @@ def finish(session: Session, job: Job, status: str, *, code: str | None = None, 
         job.webhook_next_at = now
 
 
+def settle_dead(session: Session, job: Job, *, max_attempts: int) -> None:
+    """``job``'s worker died (its lease ran out): queue it again, or cancel it when the user asked
+    for that, or fail it for good after ``max_attempts`` tries."""
+    if job.cancel_requested:
+        finish(session, job, "cancelled", code="cancelled", message="cancelled by the user")
+    elif job.attempts >= max_attempts:
+        finish(session, job, "failed", code="worker_died",
+               message=f"the worker running this job died {job.attempts} times "
+                       f"(limit {max_attempts}); the job was not retried again")
+    else:
+        job.status = "queued"
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.progress_step = 0
+
+
+def mark_running(session: Session, job_ids: Sequence[str], worker_id: str, lease_expires_at: float | None) -> list[Job]:
+    """Give the still-queued ones of ``job_ids`` to ``worker_id``; returns them (detached), oldest first."""
+    now = time.time()
+    session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "queued").values(
+        status="running", lease_owner=worker_id, lease_expires_at=lease_expires_at,
+        attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now), progress_step=0))
+    jobs = session.scalars(select(Job).where(Job.id.in_(job_ids), Job.lease_owner == worker_id,
+                                             Job.status == "running").order_by(Job.created_at, Job.id)).all()
+    for job in jobs:
+        session.expunge(job)
+    return list(jobs)
+
+
 class SqlJobQueue:
     def __init__(self, db: Database, *, max_attempts: int = 3) -> None:
         self.db = db
@@ -83,8 +115,9 @@ class SqlJobQueue:
         self._wake = threading.Event()
 
     # ------------------------------------------------------------------ API side
-    def notify(self) -> None:
-        """A job was queued: wake an in-process worker now instead of at its next poll."""
+    def notify(self, job: Job | None = None) -> None:
+        """``job`` was queued (its row is committed), or a worker is stopping: wake an in-process
+        worker now instead of at its next poll."""
         self._wake.set()
 
     def wait(self, timeout: float) -> None:
@@ -106,17 +139,7 @@ class SqlJobQueue:
             dead = s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)
                              .with_for_update(skip_locked=True)).all()
             for job in dead:
-                if job.cancel_requested:
-                    finish(s, job, "cancelled", code="cancelled", message="cancelled by the user")
-                elif job.attempts >= self.max_attempts:
-                    finish(s, job, "failed", code="worker_died",
-                           message=f"the worker running this job died {job.attempts} times "
-                                   f"(limit {self.max_attempts}); the job was not retried again")
-                else:
-                    job.status = "queued"
-                    job.lease_owner = None
-                    job.lease_expires_at = None
-                    job.progress_step = 0
+                settle_dead(s, job, max_attempts=self.max_attempts)
             return len(dead)
 
     def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float = 0.0) -> list[Job]:
@@ -140,14 +163,7 @@ class SqlJobQueue:
                             .order_by(Job.created_at, Job.id).limit(max_jobs).with_for_update(skip_locked=True)).all()
             if not ids:
                 return []
-            s.execute(update(Job).where(Job.id.in_(ids), Job.status == "queued").values(
-                status="running", lease_owner=worker_id, lease_expires_at=now + lease_s,
-                attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now), progress_step=0))
-            jobs = s.scalars(select(Job).where(Job.id.in_(ids), Job.lease_owner == worker_id,
-                                               Job.status == "running").order_by(Job.created_at, Job.id)).all()
-            for job in jobs:
-                s.expunge(job)
-            return list(jobs)
+            return mark_running(s, ids, worker_id, now + lease_s)
 
     def extend(self, worker_id: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
         with self.db.write() as s:

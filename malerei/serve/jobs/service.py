@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from malerei.serve import credits
 from malerei.serve.accounts.tokens import new_id
 from malerei.serve.context import Services
-from malerei.serve.db.models import IdempotencyKey, Image, Job
+from malerei.serve.db.models import IdempotencyKey, Image, Job, User
 from malerei.serve.errors import ApiError
 from malerei.serve.jobs.batching import batch_key
 from malerei.serve.jobs.queue import ACTIVE, finish
@@ -117,6 +117,9 @@ def submit(services: Services, *, user_id: int, api_key_id: str | None, spec: An
     params["inputs"] = inputs
     try:
         with services.db.write() as session:
+            # the user's row lock orders this user's submissions (SQLite's BEGIN IMMEDIATE already
+            # does), so the queue cap below is exact on PostgreSQL too
+            session.execute(select(User.id).where(User.id == user_id).with_for_update())
             active = session.scalar(select(func.count()).select_from(Job)
                                     .where(Job.user_id == user_id, Job.status.in_(ACTIVE))) or 0
             if active >= s.max_queued_per_user:
@@ -137,7 +140,7 @@ def submit(services: Services, *, user_id: int, api_key_id: str | None, spec: An
     except BaseException:
         services.inputs.delete_job(job_id)
         raise
-    services.queue.notify()
+    services.queue.notify(job)
     return job
 
 
@@ -218,7 +221,7 @@ def _forget(services: Services, user_id: int, key: str) -> None:
 def cancel(services: Services, job_id: str) -> Job:
     """Cancel a queued job at once (refunded); ask the worker to stop a running one."""
     with services.db.write() as session:
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=True)  # not claimed or finished meanwhile
         if job.status == "queued":
             finish(session, job, "cancelled", code="cancelled", message="cancelled by the user")
         elif job.status == "running":

@@ -67,7 +67,8 @@ class WebhookSender:
         now = time.time()
         with self.services.db.write() as session:
             jobs = session.scalars(select(Job).where(Job.webhook_status == "pending", Job.webhook_next_at <= now)
-                                   .order_by(Job.webhook_next_at).limit(limit)).all()
+                                   .order_by(Job.webhook_next_at).limit(limit)
+                                   .with_for_update(skip_locked=True)).all()  # PostgreSQL: one sender each
             claimed = []
             for job in jobs:
                 job.webhook_next_at = now + s.webhook_timeout_s + 30  # ours while we try
