@@ -1,7 +1,10 @@
 """``malerei serve``, ``malerei worker`` and the admin commands ``users``, ``keys``, ``credits``.
 
 Every command takes the same ``--data-dir`` (default: ``$MALEREI_DATA_DIR`` or the user data
-dir), which holds the SQLite database, the images and the server's secret.
+dir), which holds the SQLite database, the images and the server's secret, and the same
+``--database-url`` (default ``$MALEREI_DATABASE_URL``; e.g. ``postgresql://u:p@host/malerei``
+instead of the SQLite file). ``serve`` and ``worker`` take ``--queue`` (default
+``$MALEREI_QUEUE``: ``sql``, or ``redis://host:6379/0`` for the Redis-backed queue).
 
     malerei users add alice --admin --password-stdin <<< 'correct horse'
     malerei credits add alice 1000
@@ -30,6 +33,9 @@ def default_data_dir() -> Path:
 def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="database, images and secrets (default: $MALEREI_DATA_DIR or the user data dir)")
+    parser.add_argument("--database-url", default=os.environ.get("MALEREI_DATABASE_URL") or None, metavar="URL",
+                        help="SQLAlchemy URL of the database, e.g. postgresql://user:password@host/malerei "
+                             "(default: $MALEREI_DATABASE_URL, else the SQLite file <data dir>/malerei.db)")
 
 
 def _common_server_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +44,10 @@ def _common_server_args(parser: argparse.ArgumentParser) -> None:
                         help="folder with user models (default: <data dir>/models)")
     parser.add_argument("--default-model", default=None,
                         help="model for jobs that name none (default: the built-in model)")
+    parser.add_argument("--queue", default=os.environ.get("MALEREI_QUEUE") or None, metavar="URL",
+                        help="job queue: 'sql' (the database; the default) or a Redis URL such as "
+                             "redis://host:6379/0, which also shares the rate limits between API servers "
+                             "(default: $MALEREI_QUEUE)")
     parser.add_argument("--lease-seconds", type=float, default=15.0,
                         help="a worker silent this long is taken for dead and its jobs run again")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -94,6 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace, **extra):  # noqa: ANN202 - Settings
     from malerei.serve.config import Settings, parse_overrides
 
+    if getattr(args, "database_url", None):
+        extra["database_url"] = args.database_url
+    if getattr(args, "queue", None):
+        extra["queue_url"] = args.queue
     extra.update(parse_overrides(getattr(args, "set", None) or []))
     return Settings(data_dir=args.data_dir or default_data_dir(), **extra)
 
@@ -102,6 +116,17 @@ def _services(args: argparse.Namespace):  # noqa: ANN202 - Services
     from malerei.serve.context import build_services
 
     return build_services(_settings(args))
+
+
+def _where(settings) -> str:  # noqa: ANN001 - Settings
+    """Data dir, database and queue, without passwords."""
+    from sqlalchemy.engine import make_url
+
+    from malerei.serve.jobs.redis_queue import redact
+
+    queue = redact(settings.redis_url) if settings.redis_url else "sql"
+    database = make_url(settings.db_url).render_as_string(hide_password=True)
+    return f"data: {settings.data_dir}, database: {database}, queue: {queue}"
 
 
 def _fail(message: str) -> int:
@@ -130,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from malerei.serve.app import create_app
 
     app = create_app(settings)
-    print(f"malerei serving on http://{settings.host}:{settings.port} (data: {settings.data_dir})", flush=True)
+    print(f"malerei serving on http://{settings.host}:{settings.port} ({_where(settings)})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
@@ -158,7 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    print(f"malerei worker {worker.worker_id} on {settings.data_dir}", flush=True)
+    print(f"malerei worker {worker.worker_id} ({_where(settings)})", flush=True)
     worker.run_forever()
     return 0
 

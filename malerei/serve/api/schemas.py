@@ -139,4 +139,5 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     database: str
+    queue: str  # "ok" | "error": the Redis queue when one is configured, else the database's
     queue_depth: int

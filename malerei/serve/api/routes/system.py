@@ -16,14 +16,23 @@ router = APIRouter(tags=["system"])
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
 def healthz(services: ServicesDep, response: Response) -> dict[str, Any]:
+    answer: dict[str, Any] = {"status": "ok", "database": "ok", "queue": "ok", "queue_depth": -1}
     try:
         with services.db.read() as session:
             session.execute(text("SELECT 1"))
-        depth = services.queue.depth()
+        answer["queue_depth"] = services.queue.depth()
     except Exception:  # noqa: BLE001 - health reports, it does not raise
+        answer["database"] = "error"
+    ping = getattr(services.queue, "ping", None)  # a queue outside the database (Redis)
+    if ping is not None:
+        try:
+            ping()
+        except Exception:  # noqa: BLE001
+            answer["queue"] = "error"
+    if "error" in (answer["database"], answer["queue"]):
         response.status_code = 503
-        return {"status": "unavailable", "database": "error", "queue_depth": -1}
-    return {"status": "ok", "database": "ok", "queue_depth": depth}
+        answer["status"] = "unavailable"
+    return answer
 
 
 @router.get("/metrics", response_class=Response,
