@@ -151,3 +151,21 @@ def test_cli_restore_uses_the_builtin_restorer_and_blends_by_strength(capsys, mo
     half = _cli(capsys, monkeypatch, tmp_path, "restore", tmp_path / "bad.png", "--strength", 0.5)
     mixed = np.asarray(Image.open(half).convert("RGB")).astype(int)
     assert np.abs(mixed - (bad.astype(int) + fixed.astype(int)) / 2).max() <= 1
+
+
+def test_bench_prints_the_figures_beside_their_baselines(capsys, tmp_path):
+    """bench/change_images.py on the shipped upscaler and restorer: one table, baselines from the same run."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "change_images.py"
+    spec = importlib.util.spec_from_file_location("change_images_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--only", "upscale", "restore", "--n", "2", "--json", str(tmp_path / "report.json")])
+    table = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == (0 if report["upscale"]["pass"] and report["restore"]["pass"] else 1)
+    assert f"bicubic {report['upscale']['psnr_bicubic']:.2f} dB" in table
+    assert f"degraded input {report['restore']['psnr_degraded']:.2f} dB" in table
+    assert table.count("| upscale x") == 2 and table.count("| restore") == 1
