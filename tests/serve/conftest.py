@@ -1,12 +1,78 @@
-"""Fixtures: running servers (real HTTP, real SQLite file, real engine with the tiny models of
-tests/conftest.py). Helpers live in serving.py."""
+"""Fixtures: running servers (real HTTP, real database, real engine with the tiny models of
+tests/conftest.py). Helpers live in serving.py, the PostgreSQL and Redis servers in backends.py.
+
+``served`` is the embedded deployment (SQLite file, in-process worker). ``deployed`` is
+parametrised over three deployments, so a test that takes it runs on each:
+
+    sqlite              ``served`` itself
+    postgresql          PostgreSQL, the database queue, the in-process worker plus one
+                        ``malerei worker`` process (two claimers: FOR UPDATE SKIP LOCKED)
+    postgresql+redis    PostgreSQL, the Redis queue, an API server without a worker and two
+                        ``malerei worker`` processes
+
+Without the PostgreSQL/Redis binaries or drivers those deployments are skipped locally and fail
+under CI (``CI`` set), so a CI run cannot pass without them.
+"""
 
 from __future__ import annotations
+
+import itertools
+import os
 
 import httpx
 import pytest
 
-from serving import Server, make_account, model_args
+import backends
+from serving import Server, Stack, WorkerProcess, make_account, model_args
+
+STACKS = ("sqlite", "postgresql", "postgresql+redis")
+
+
+def require(*, postgres: bool = False, redis: bool = False) -> None:
+    """Skip (locally) or fail (under CI) when the wanted servers cannot run here."""
+    reason = backends.missing(postgres=postgres, redis=redis)
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the PostgreSQL/Redis tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throwaway PostgreSQL cluster for the session; each stack gets a database of its own."""
+    require(postgres=True)
+    with backends.PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    require(redis=True)
+    with backends.RedisServer() as server:
+        yield server
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def make_stack(request):
+    """``make_stack(name)``: a fresh :class:`Stack` (new database, new Redis key prefix)."""
+
+    def make(name: str) -> Stack:
+        if name == "sqlite":
+            return Stack()
+        require(postgres=True, redis="redis" in name)
+        url = request.getfixturevalue("pg_cluster").create_database()
+        if name == "postgresql":
+            return Stack(name=name, database_url=url)
+        if name == "postgresql+redis":
+            return Stack(name=name, database_url=url, queue=request.getfixturevalue("redis_server").url,
+                         redis_prefix=f"t{next(_prefixes)}:")
+        raise ValueError(f"unknown stack {name!r}; known: {', '.join(STACKS)}")
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +107,42 @@ def served(tmp_path_factory, serve_models_dir):
     finally:
         server.stop()
 
+
+
+@pytest.fixture(scope="session", params=STACKS)
+def deployed(request, tmp_path_factory, serve_models_dir):
+    """``served`` on each stack: (server, client, accounts alice, bob and root)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("served")
+        return
+    require(postgres=True, redis="redis" in request.param)
+    cluster = request.getfixturevalue("pg_cluster")
+    url = cluster.create_database()
+    if request.param == "postgresql":
+        stack, serve_args, n_workers = Stack(name=request.param, database_url=url), [], 1
+    else:
+        stack = Stack(name=request.param, database_url=url, queue=request.getfixturevalue("redis_server").url,
+                      redis_prefix=f"d{next(_prefixes)}:")
+        serve_args, n_workers = ["--no-worker"], 2
+    data_dir = tmp_path_factory.mktemp(f"serve-{request.param.replace('+', '-')}")
+    accounts = {name: make_account(data_dir, name, admin=name == "root", stack=stack)
+                for name in ("alice", "bob", "root")}
+    settings = ["--set", "webhook_allow_private=true", "--set", "webhook_backoff_s=0.2"]
+    server = Server(data_dir=data_dir, stack=stack,
+                    args=[*model_args(serve_models_dir), *settings, "--set", "rate_limit_per_minute=6000",
+                          *serve_args]).start()
+    workers = [WorkerProcess(data_dir, serve_models_dir, n, stack=stack, args=settings) for n in range(n_workers)]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            yield server, client, accounts
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.stop()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,11 @@
-"""Helpers for the service tests: a real ``malerei serve`` over HTTP on a real SQLite file.
+"""Helpers for the service tests: a real ``malerei serve`` over HTTP on a real database.
 
 The server runs as a subprocess (``python -m malerei serve`` semantics, through the serve command
 module), so the tests see exactly what clients see: HTTP, the worker, the database on disk.
+A :class:`Stack` says which database and queue a server and its workers use: the embedded
+SQLite file (the default), PostgreSQL, or PostgreSQL with the Redis queue (servers made by
+backends.py). The web page tests (tests/web/webtools.py) start their servers with
+:class:`Server` too.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +65,36 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def malerei_argv(*args: str) -> list[str]:
+    """The installed command line itself: ``python -m malerei ...``."""
+    return [sys.executable, "-m", "malerei", *map(str, args)]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Where a deployment keeps its jobs: ``name`` is "sqlite", "postgresql" or "postgresql+redis"."""
+
+    name: str = "sqlite"
+    database_url: str | None = None   # None: the SQLite file in the data dir
+    queue: str | None = None          # None: the database queue; else a Redis URL
+    redis_prefix: str | None = None   # several stacks share one test Redis
+
+    @property
+    def args(self) -> list[str]:
+        """The CLI options of ``serve`` and ``worker`` for this stack."""
+        out = []
+        if self.database_url:
+            out += ["--database-url", self.database_url]
+        if self.queue:
+            out += ["--queue", self.queue]
+        if self.redis_prefix:
+            out += ["--set", f"redis_prefix={self.redis_prefix}"]
+        return out
+
+    def db_url(self, data_dir: Path) -> str:
+        return self.database_url or f"sqlite:///{data_dir / 'malerei.db'}"
+
+
 @dataclass
 class Server:
     data_dir: Path
@@ -67,15 +102,27 @@ class Server:
     env: dict[str, str] = field(default_factory=server_env)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    stack: Stack = field(default_factory=Stack)
+    launcher: Callable[..., list[str]] = cli_argv  # or malerei_argv: the real CLI with every command
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"server-{self.port}.log"
+
+    @property
+    def db_url(self) -> str:
+        return self.stack.db_url(self.data_dir)
+
     def start(self, timeout: float = 60.0) -> Server:
-        log = open(self.data_dir / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(cli_argv("serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                                              *self.args), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        """Start the process and wait until /healthz answers 200."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.launcher("serve", "--port", str(self.port), "--data-dir",
+                                                       str(self.data_dir), *self.stack.args, *self.args),
+                                         cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -86,10 +133,11 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError(f"server did not start: {self.log()[-3000:]}")
 
     def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.data_dir.glob(f"server-{self.port}.log"))
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -112,15 +160,16 @@ class Account:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-def make_account(data_dir: Path, name: str, *, credits: int = 1000, admin: bool = False) -> Account:
-    """A user with an API key and credits, made through the library on the server's database file."""
+def make_account(data_dir: Path, name: str, *, credits: int = 1000, admin: bool = False,
+                 stack: Stack = Stack()) -> Account:
+    """A user with an API key and credits, made through the library on the server's database."""
     from malerei.serve import credits as ledger
     from malerei.serve.accounts.keys import create_key
     from malerei.serve.accounts.users import create_user
     from malerei.serve.db.migrate import upgrade
     from malerei.serve.db.session import Database
 
-    db = Database(f"sqlite:///{data_dir / 'malerei.db'}")
+    db = Database(stack.db_url(data_dir))
     upgrade(db)
     with db.write() as session:
         user = create_user(session, name, password=f"{name}-password", is_admin=admin)
@@ -154,4 +203,48 @@ _counter = iter(range(10**6))
 
 def new_account(server: Server, prefix: str, *, credits: int = 1000, admin: bool = False) -> Account:
     """A fresh user on a running server's database (so tests sharing a server stay independent)."""
-    return make_account(server.data_dir, f"{prefix}{next(_counter)}", credits=credits, admin=admin)
+    return make_account(server.data_dir, f"{prefix}{next(_counter)}", credits=credits, admin=admin,
+                        stack=server.stack)
+
+
+class WorkerProcess:
+    """A ``malerei worker`` process on a data dir and stack; its log says " ready" once warm."""
+
+    def __init__(self, data_dir: Path, models_dir: Path, n: int, *, stack: Stack = Stack(),
+                 args: Sequence[str] = ()) -> None:
+        self.log = data_dir / f"worker-{n}.log"
+        with open(self.log, "wb") as handle:
+            self.proc = subprocess.Popen(cli_argv("worker", "--data-dir", str(data_dir), *model_args(models_dir),
+                                                  *stack.args, *args),
+                                         cwd=REPO, env=server_env(), stdout=handle, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 300) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready" in self.log.read_text(errors="replace"):
+                return self
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            time.sleep(0.1)
+        raise AssertionError(f"worker not ready: {self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting: stop several at once, then ``stop()`` each."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

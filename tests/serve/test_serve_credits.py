@@ -9,8 +9,8 @@ import httpx
 from serving import new_account, wait_job
 
 
-def test_fifty_parallel_submissions_with_credit_for_ten(served):
-    server, client, _ = served
+def test_fifty_parallel_submissions_with_credit_for_ten(deployed):
+    server, client, _ = deployed
     probe = new_account(server, "probe")
     cost = client.post("/v1/jobs", json={"prompt": "a", "width": 64, "height": 64, "steps": 2},
                        headers=probe.headers).json()["cost"]

@@ -16,8 +16,8 @@ from serving import wait_job
 TINY = {"width": 64, "height": 64, "steps": 4}
 
 
-def test_txt2img_job_runs_and_stores_an_image_with_metadata(served):
-    server, client, accounts = served
+def test_txt2img_job_runs_and_stores_an_image_with_metadata(deployed):
+    server, client, accounts = deployed
     alice = accounts["alice"]
     before = client.get("/v1/account", headers=alice.headers).json()["balance"]
     r = client.post("/v1/jobs", json={"prompt": "a red circle", **TINY, "seed": 42}, headers=alice.headers)
@@ -38,8 +38,8 @@ def test_txt2img_job_runs_and_stores_an_image_with_metadata(served):
     assert after == before - job["cost"]
 
 
-def test_events_stream_progress_and_done(served):
-    server, client, accounts = served
+def test_events_stream_progress_and_done(deployed):
+    server, client, accounts = deployed
     alice = accounts["alice"]
     job = client.post("/v1/jobs", json={"prompt": "a blue square", "width": 256, "height": 256, "steps": 12},
                       headers=alice.headers).json()
@@ -84,8 +84,8 @@ def test_gallery_search_download_delete(served):
     assert client.get(f"/v1/images/{image_id}/file", headers=bob.headers).status_code == 404
 
 
-def test_cancel_running_job_stops_within_one_step_and_refunds(served):
-    server, client, accounts = served
+def test_cancel_running_job_stops_within_one_step_and_refunds(deployed):
+    server, client, accounts = deployed
     alice = accounts["alice"]
     before = client.get("/v1/account", headers=alice.headers).json()["balance"]
     # 512 px makes a step of the tiny model slower than the worker's 0.1 s progress updates
@@ -152,8 +152,8 @@ def test_a_kind_the_engine_lacks_fails_clearly(monkeypatch):
     assert "restore" not in engine.supported_kinds()
 
 
-def test_idempotency_key(served):
-    server, client, accounts = served
+def test_idempotency_key(deployed):
+    server, client, accounts = deployed
     alice = accounts["alice"]
     body = {"prompt": "same", **TINY}
     h = {**alice.headers, "Idempotency-Key": "k-1"}

@@ -135,10 +135,10 @@ def test_rate_limit_and_queue_cap(api_only):
     assert client.get("/v1/account", headers=other.headers).status_code == 200
 
 
-def test_health_metrics_docs(served):
-    server, client, _ = served
+def test_health_metrics_docs(deployed):
+    server, client, _ = deployed
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["database"] == "ok"
+    assert health["status"] == "ok" and health["database"] == "ok" and health["queue"] == "ok"
     metrics = client.get("/metrics").text
     for name in ("malerei_queue_depth", "malerei_job_latency_seconds_bucket", "malerei_images_per_second",
                  "malerei_images_generated_total"):

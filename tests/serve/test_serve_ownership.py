@@ -31,8 +31,8 @@ NOT_USER_RESOURCES = {"/v1/admin/users/{name}/credits", "/v1/admin/users/{name}/
                       "/v1/generation/{engine_id}/image-to-image/masking"}
 
 
-def test_no_leak_across_users(served):
-    server, client, _ = served
+def test_no_leak_across_users(deployed):
+    server, client, _ = deployed
     owner, other, revoked = new_account(server, "own"), new_account(server, "oth"), new_account(server, "rev")
     assert client.delete(f"/v1/account/keys/{revoked.key_id}", headers=revoked.headers).status_code == 204
 

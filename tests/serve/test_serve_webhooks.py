@@ -11,8 +11,8 @@ from serving import new_account, wait_job
 from malerei.serve.jobs.webhooks import HEADER, verify
 
 
-def test_webhook_is_signed_and_retried(served):
-    server, client, _ = served
+def test_webhook_is_signed_and_retried(deployed):
+    server, client, _ = deployed
     user = new_account(server, "hook")
     received = []
 

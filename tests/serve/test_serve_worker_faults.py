@@ -1,61 +1,39 @@
-"""The worker survives faults: ``kill -9`` of the separate worker process at random points.
+"""The worker survives faults: ``kill -9`` of separate worker processes at random points.
 
 Jobs queued while no worker runs wait (and survive an API restart); a job whose worker died runs
 again; a job that keeps killing its worker is failed after 3 tries with the reason; every result
-is stored exactly once (database rows and files on disk); the ledger stays exact.
+is stored exactly once (database rows and files on disk); the ledger stays exact. Run on each
+stack: SQLite with one worker at a time, PostgreSQL with two workers claiming side by side, and
+PostgreSQL with the Redis queue and two workers.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import signal
-import sqlite3
-import subprocess
+import re
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlalchemy import create_engine, text
 
-from serving import REPO, Server, cli_argv, make_account, model_args, server_env
+from serving import Server, WorkerProcess, make_account, model_args
 
 LEASE = "2"
 
 
-class WorkerProcess:
-    def __init__(self, data_dir: Path, models_dir: Path, n: int) -> None:
-        self.log = data_dir / f"worker-{n}.log"
-        handle = open(self.log, "wb")
-        self.proc = subprocess.Popen(cli_argv("worker", "--data-dir", str(data_dir), *model_args(models_dir),
-                                              "--lease-seconds", LEASE), cwd=REPO, env=server_env(),
-                                     stdout=handle, stderr=subprocess.STDOUT)
+def reader(url: str):
+    """``rows(sql, **params)`` on the deployment's database (its own engine, no pool)."""
+    from sqlalchemy.pool import NullPool
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready" in self.log.read_text(errors="replace"):
-                return
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            time.sleep(0.1)
-        raise AssertionError(f"worker not ready: {self.log.read_text()[-3000:]}")
+    engine = create_engine(url, poolclass=NullPool)
 
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+    def rows(sql: str, **params) -> list[tuple]:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params).all()]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-
-
-def rows(db: Path, sql: str, *args) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
+    return rows
 
 
 def wait_until(predicate, timeout: float = 120, every: float = 0.02) -> None:
@@ -68,20 +46,44 @@ def wait_until(predicate, timeout: float = 120, every: float = 0.02) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_worker_at_random_points(tmp_path, tiny_models_dir):
+@pytest.mark.parametrize("stack_name, n_workers", [("sqlite", 1), ("postgresql", 2), ("postgresql+redis", 2)])
+def test_kill_9_worker_at_random_points(stack_name, n_workers, make_stack, tmp_path, tiny_models_dir):
     seed = int(os.environ.get("MALEREI_KILL_SEED", time.time()))
     rng = random.Random(seed)
-    print(f"kill test seed {seed}")
-    db = tmp_path / "malerei.db"
-    user = make_account(tmp_path, "victim", credits=10_000)
-    server = Server(data_dir=tmp_path, args=[*model_args(tiny_models_dir), "--no-worker"]).start()
+    print(f"kill test seed {seed} on {stack_name} with {n_workers} worker(s)")
+    stack = make_stack(stack_name)
+    user = make_account(tmp_path, "victim", credits=10_000, stack=stack)
+    rows = reader(stack.db_url(tmp_path))
+    server = Server(data_dir=tmp_path, stack=stack, args=[*model_args(tiny_models_dir), "--no-worker"]).start()
     import httpx
 
     client = httpx.Client(base_url=server.url, timeout=60, headers=user.headers)
+    workers: dict[int, WorkerProcess] = {}  # pid -> the live workers
+    started = 0
+
+    def start_worker() -> None:
+        """A new worker process; not waited for (it warms up while the test goes on)."""
+        nonlocal started
+        worker = WorkerProcess(tmp_path, tiny_models_dir, started, stack=stack, args=["--lease-seconds", LEASE])
+        started += 1
+        workers[worker.pid] = worker
+
+    def holder(job_id: str) -> WorkerProcess | None:
+        """The live worker process named in the job's lease (worker ids are host:pid:random)."""
+        owner = rows("SELECT lease_owner FROM jobs WHERE id=:id", id=job_id)[0][0]
+        match = re.match(r"[^:]*:(\d+):", owner or "")
+        return workers.get(int(match.group(1))) if match else None
+
+    def kill(worker: WorkerProcess) -> None:
+        worker.kill9()
+        del workers[worker.pid]
+
     try:
-        # The poison job has a size of its own (a batch of its own) and is the oldest: every new
-        # worker takes it first, and the test kills every worker that runs it.
-        poison = client.post("/v1/jobs", json={"prompt": "poison", "width": 72, "height": 72, "steps": 2}).json()
+        # The poison job has a size of its own (a batch of its own) and is the oldest: the next
+        # claim takes it first, and the test kills every worker that runs it as soon as it runs
+        # (150 steps: seconds; the kill comes within 0.1 s).
+        poison = client.post("/v1/jobs", json={"prompt": "poison", "width": 136, "height": 136,
+                                               "steps": 150}).json()
         jobs = [client.post("/v1/jobs", json={"prompt": f"circle {i}", "width": 64, "height": 64,
                                               "steps": rng.randint(4, 10), "batch_size": rng.randint(1, 3),
                                               "seed": i}).json() for i in range(14)]
@@ -90,55 +92,56 @@ def test_kill_9_worker_at_random_points(tmp_path, tiny_models_dir):
         server.stop()
         server.start()
 
-        workers = []
-        status = lambda job_id: rows(db, "SELECT status, attempts FROM jobs WHERE id=?", job_id)[0]  # noqa: E731
+        status = lambda job_id: rows("SELECT status, attempts FROM jobs WHERE id=:id", id=job_id)[0]  # noqa: E731
+        for _ in range(n_workers):
+            start_worker()
         for attempt in (1, 2, 3):  # the poison job kills its worker three times
-            worker = WorkerProcess(tmp_path, tiny_models_dir, len(workers))
-            workers.append(worker)
-            worker.wait_ready()
-            wait_until(lambda: status(poison["id"]) == ("running", attempt))
-            worker.kill9()
-        def running() -> int:
-            return rows(db, "SELECT count(*) FROM jobs WHERE status='running' AND id != ?", poison["id"])[0][0]
+            wait_until(lambda: status(poison["id"]) == ("running", attempt) and holder(poison["id"]) is not None)
+            kill(holder(poison["id"]))
+            start_worker()
+
+        def running() -> list[str]:
+            return [i for (i,) in rows("SELECT id FROM jobs WHERE status='running' AND id != :p", p=poison["id"])]
 
         def open_jobs() -> int:
-            return rows(db, "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND id != ?",
-                        poison["id"])[0][0]
+            return rows("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND id != :p",
+                        p=poison["id"])[0][0]
 
         kills = 0
         for _ in range(2):  # then kills at random points while ordinary batches are running
-            worker = WorkerProcess(tmp_path, tiny_models_dir, len(workers))
-            workers.append(worker)
-            worker.wait_ready()
-            wait_until(lambda: running() > 0 or open_jobs() == 0)
+            wait_until(lambda: running() or open_jobs() == 0)
             if open_jobs() == 0:
-                worker.stop()
                 break
             time.sleep(rng.uniform(0.0, 1.0))
-            worker.kill9()
+            victims = [w for w in map(holder, running()) if w is not None]
+            if not victims:
+                continue
+            kill(rng.choice(victims))
             kills += 1
+            start_worker()
         assert kills >= 1
-        final = WorkerProcess(tmp_path, tiny_models_dir, len(workers))
-        final.wait_ready()
         ids = [poison["id"]] + [j["id"] for j in jobs]
         wait_until(lambda: all(status(i)[0] in ("succeeded", "failed") for i in ids), timeout=300, every=0.2)
-        final.stop()
     finally:
+        for worker in workers.values():
+            worker.terminate()
+        for worker in workers.values():
+            worker.stop()
         client.close()
         server.stop()
 
     # the poison job: failed after 3 tries, with the reason, refunded
-    state, attempts, code, message = rows(db, "SELECT status, attempts, error_code, error_message FROM jobs "
-                                              "WHERE id=?", poison["id"])[0]
+    state, attempts, code, message = rows("SELECT status, attempts, error_code, error_message FROM jobs "
+                                          "WHERE id=:id", id=poison["id"])[0]
     assert (state, attempts, code) == ("failed", 3, "worker_died")
     assert "died 3 times" in message
 
     # nothing lost, nothing stored twice
     succeeded = 0
     for job in jobs:
-        state, attempts, code, n_images, message = rows(db, "SELECT status, attempts, error_code, n_images, "
-                                                            "error_message FROM jobs WHERE id=?", job["id"])[0]
-        indexes = sorted(i for (i,) in rows(db, "SELECT \"index\" FROM images WHERE job_id=?", job["id"]))
+        state, attempts, code, n_images, message = rows("SELECT status, attempts, error_code, n_images, "
+                                                        "error_message FROM jobs WHERE id=:id", id=job["id"])[0]
+        indexes = sorted(i for (i,) in rows('SELECT "index" FROM images WHERE job_id=:id', id=job["id"]))
         if state == "succeeded":
             succeeded += 1
             assert indexes == list(range(n_images)), (job["id"], indexes)
@@ -147,19 +150,19 @@ def test_kill_9_worker_at_random_points(tmp_path, tiny_models_dir):
     assert succeeded >= len(jobs) - 3
     on_disk = sorted(str(p.relative_to(tmp_path / "images")) for p in (tmp_path / "images").rglob("*")
                      if p.is_file())
-    recorded = sorted(path for (path,) in rows(db, "SELECT path FROM images"))
+    recorded = sorted(path for (path,) in rows("SELECT path FROM images"))
     assert on_disk == recorded  # no orphan or duplicate file (temporary files included)
     for path in recorded:
         with Image.open(tmp_path / "images" / path) as image:
             image.load()
 
     # the ledger: one charge per job, one refund per failed job, balance == sum of entries
-    for job_id in [poison["id"]] + [j["id"] for j in jobs]:
+    for job_id in ids:
         state = status(job_id)[0]
-        reasons = sorted(r for (r,) in rows(db, "SELECT reason FROM credit_entries WHERE job_id=?", job_id))
+        reasons = sorted(r for (r,) in rows("SELECT reason FROM credit_entries WHERE job_id=:id", id=job_id))
         assert reasons == (["charge", "refund"] if state == "failed" else ["charge"]), (job_id, reasons)
-    balance = rows(db, "SELECT balance FROM users WHERE name='victim'")[0][0]
-    assert balance == rows(db, "SELECT sum(delta) FROM credit_entries e JOIN users u ON u.id=e.user_id "
-                               "WHERE u.name='victim'")[0][0]
-    spent = sum(cost for (cost,) in rows(db, "SELECT cost FROM jobs WHERE status='succeeded'"))
+    balance = rows("SELECT balance FROM users WHERE name='victim'")[0][0]
+    assert balance == rows("SELECT sum(delta) FROM credit_entries e JOIN users u ON u.id=e.user_id "
+                           "WHERE u.name='victim'")[0][0]
+    spent = sum(cost for (cost,) in rows("SELECT cost FROM jobs WHERE status='succeeded'"))
     assert balance == 10_000 - spent
