@@ -1,21 +1,17 @@
-"""Helpers of the web page tests: a real ``malerei serve`` process, a browser tab that records
-console errors, screenshots, signing in."""
+"""Helpers of the web page tests: a real ``malerei serve`` process (started by the service
+tests' helper, tests/serve/serving.py), a browser tab that records console errors, screenshots,
+signing in."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from serve.serving import Server, malerei_argv  # tests/serve/serving.py: one server launcher for both
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CHROMIUM = os.environ.get("MALEREI_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("MALEREI_WEB_ARTIFACTS", HERE / "artifacts"))
@@ -27,68 +23,28 @@ MODEL = "tiny-sd1"
 
 
 # --------------------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class WebServer:
-    data_dir: Path
-    models_dir: Path
-    args: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
+class WebServer(Server):
+    """The service tests' :class:`Server` (tests/serve/serving.py: start, poll /healthz, stop)
+    running the real ``python -m malerei serve`` with the web tests' models and default model."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    models_dir: Path | None = None
+    launcher: Callable[..., list[str]] = malerei_argv
 
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / f"server-{self.port}.log"
+    def __post_init__(self) -> None:
+        self.args = ["--models-dir", str(self.models_dir), "--default-model", MODEL, *self.args]
 
     def start(self, timeout: float = 90.0) -> WebServer:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        env.setdefault("OMP_NUM_THREADS", "1")
-        command = [sys.executable, "-m", "malerei", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                   "--models-dir", str(self.models_dir), "--default-model", MODEL, *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start: {self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().start(timeout)
+        return self
 
     def add_user(self, name: str, password: str, *, credits: int = 0, admin: bool = False) -> None:
-        """A user made through the library on the server's database file (as the admin CLI does)."""
+        """A user made through the library on the server's database (as the admin CLI does)."""
         from malerei.serve import credits as ledger
         from malerei.serve.accounts.users import create_user
         from malerei.serve.db.session import Database
 
-        db = Database(f"sqlite:///{self.data_dir / 'malerei.db'}")
+        db = Database(self.db_url)
         try:
             with db.write() as session:
                 user = create_user(session, name, password=password, is_admin=admin)
