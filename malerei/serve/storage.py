@@ -2,8 +2,11 @@
 
 Results live at ``images/<job id>/<index>.png``: the path is a function of (job, index), and files
 are written to a temporary name, fsynced and renamed into place, so a job run twice (its worker
-died) overwrites its own files instead of leaving a second copy. Every stored image is
-re-encoded by us (never the bytes a client sent).
+died) overwrites its own files instead of leaving a second copy. The temporary name is a
+function of the path too: only the job's lease holder writes its files, under the job's row
+lock, so there is one writer per path at a time, and a writer killed mid-write leaves a
+temporary file that the job's next run overwrites and renames. Every stored image is re-encoded
+by us (never the bytes a client sent).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ class ImageStore:
     def write(self, rel: str, data: bytes) -> None:
         target = self._resolve(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        tmp = target.with_name(f".{target.name}.tmp")
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()

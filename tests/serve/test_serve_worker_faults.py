@@ -103,22 +103,19 @@ def test_kill_9_worker_at_random_points(stack_name, n_workers, make_stack, tmp_p
         def running() -> list[str]:
             return [i for (i,) in rows("SELECT id FROM jobs WHERE status='running' AND id != :p", p=poison["id"])]
 
-        def open_jobs() -> int:
-            return rows("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running') AND id != :p",
-                        p=poison["id"])[0][0]
-
         kills = 0
-        for _ in range(2):  # then kills at random points while ordinary batches are running
-            wait_until(lambda: running() or open_jobs() == 0)
-            if open_jobs() == 0:
-                break
-            time.sleep(rng.uniform(0.0, 1.0))
+        for round_ in range(2):  # then kills at random points while ordinary batches are running
+            # fresh, longer jobs each round: with two workers the first ones may all be done by now
+            jobs += [client.post("/v1/jobs", json={"prompt": f"square {round_}.{i}", "width": 64, "height": 64,
+                                                   "steps": rng.randint(20, 40), "batch_size": rng.randint(1, 3),
+                                                   "seed": 100 + 10 * round_ + i}).json() for i in range(3)]
+            wait_until(lambda: running())
+            time.sleep(rng.uniform(0.0, 0.5))
             victims = [w for w in map(holder, running()) if w is not None]
-            if not victims:
-                continue
-            kill(rng.choice(victims))
-            kills += 1
-            start_worker()
+            if victims:
+                kill(rng.choice(victims))
+                kills += 1
+                start_worker()
         assert kills >= 1
         ids = [poison["id"]] + [j["id"] for j in jobs]
         wait_until(lambda: all(status(i)[0] in ("succeeded", "failed") for i in ids), timeout=300, every=0.2)
@@ -136,18 +133,14 @@ def test_kill_9_worker_at_random_points(stack_name, n_workers, make_stack, tmp_p
     assert (state, attempts, code) == ("failed", 3, "worker_died")
     assert "died 3 times" in message
 
-    # nothing lost, nothing stored twice
-    succeeded = 0
+    # nothing lost, nothing stored twice: an ordinary job dies at most twice (two random kills), so
+    # every one succeeds, with each of its images once
     for job in jobs:
-        state, attempts, code, n_images, message = rows("SELECT status, attempts, error_code, n_images, "
-                                                        "error_message FROM jobs WHERE id=:id", id=job["id"])[0]
+        state, attempts, n_images, message = rows("SELECT status, attempts, n_images, error_message FROM jobs "
+                                                  "WHERE id=:id", id=job["id"])[0]
+        assert state == "succeeded" and attempts <= 3, (job["id"], state, attempts, message)
         indexes = sorted(i for (i,) in rows('SELECT "index" FROM images WHERE job_id=:id', id=job["id"]))
-        if state == "succeeded":
-            succeeded += 1
-            assert indexes == list(range(n_images)), (job["id"], indexes)
-        else:  # unlucky: killed in three batches in a row
-            assert (state, attempts, code) == ("failed", 3, "worker_died") and indexes == [], message
-    assert succeeded >= len(jobs) - 3
+        assert indexes == list(range(n_images)), (job["id"], indexes)
     on_disk = sorted(str(p.relative_to(tmp_path / "images")) for p in (tmp_path / "images").rglob("*")
                      if p.is_file())
     recorded = sorted(path for (path,) in rows("SELECT path FROM images"))
@@ -166,3 +159,16 @@ def test_kill_9_worker_at_random_points(stack_name, n_workers, make_stack, tmp_p
                            "WHERE u.name='victim'")[0][0]
     spent = sum(cost for (cost,) in rows("SELECT cost FROM jobs WHERE status='succeeded'"))
     assert balance == 10_000 - spent
+
+
+def test_a_write_killed_midway_is_cleaned_up_by_the_next_run(tmp_path):
+    """What a worker killed while writing a result leaves (its temporary file) is overwritten
+    and renamed into place when the job runs again: no orphan file."""
+    from malerei.serve.storage import ImageStore
+
+    store = ImageStore(tmp_path)
+    (tmp_path / "job_x").mkdir()
+    (tmp_path / "job_x" / ".0.png.tmp").write_bytes(b"the first half of a PNG")
+    store.write(store.result_path("job_x", 0), b"a whole PNG")
+    assert [p.name for p in (tmp_path / "job_x").iterdir()] == ["0.png"]
+    assert store.read("job_x/0.png") == b"a whole PNG"
