@@ -50,6 +50,24 @@ class BasicSRRRDBNet(nn.Module):
         self.conv_hr, self.conv_last = _conv(num_feat, num_feat), _conv(num_feat, 3)
 
 
+def _seeded(build):
+    """Builders draw every random number from their own seed: what a constructor initialises itself
+    (biases, norms) would otherwise come from the global RNG, so a network (and whether its output
+    clamps to black) depended on which tests ran before."""
+    import functools
+    import inspect
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(build).bind(*args, **kwargs)
+        bound.apply_defaults()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(10_000 + bound.arguments["seed"])
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
 def _small_init(module: nn.Module, seed: int) -> nn.Module:
     """Random weights small enough that deep random nets stay in a sane range."""
     gen = torch.Generator().manual_seed(seed)
@@ -60,16 +78,19 @@ def _small_init(module: nn.Module, seed: int) -> nn.Module:
     return module.eval()
 
 
+@_seeded
 def realesrgan_state(scale: int = 4, seed: int = 0) -> dict:
     return {"params_ema": _small_init(BasicSRRRDBNet(scale=scale), seed).state_dict()}
 
 
+@_seeded
 def esrgan_state(scale: int = 4, seed: int = 1) -> dict:
     from spandrel.architectures.ESRGAN import ESRGAN
 
     return _small_init(ESRGAN(num_filters=8, num_blocks=1, scale=scale), seed).state_dict()
 
 
+@_seeded
 def swinir_state(scale: int = 2, seed: int = 2) -> dict:
     from spandrel.architectures.SwinIR import SwinIR
 
@@ -78,12 +99,14 @@ def swinir_state(scale: int = 2, seed: int = 2) -> dict:
     return {"params": _small_init(net, seed).state_dict()}
 
 
+@_seeded
 def compact_state(scale: int = 4, seed: int = 3) -> dict:
     from spandrel.architectures.Compact import Compact
 
     return {"params": _small_init(Compact(num_feat=8, num_conv=3, upscale=scale), seed).state_dict()}
 
 
+@_seeded
 def gfpgan_state(seed: int = 4) -> dict:
     from spandrel.architectures.GFPGAN import GFPGAN
 
@@ -91,6 +114,7 @@ def gfpgan_state(seed: int = 4) -> dict:
     return {"params_ema": GFPGAN().eval().state_dict()}
 
 
+@_seeded
 def codeformer_state(seed: int = 5) -> dict:
     from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
 
