@@ -173,3 +173,19 @@ def test_model_card_floors_and_growth_table(tmp_path):
     table = growth_table(csv_path)
     assert table.splitlines()[2] == "| 1000 | 14 | 50% | 25% | 10% | 90% | 60% | 80% | 70% |"
     assert growth_table(tmp_path / "missing.csv").startswith("(no periodic")
+
+
+def test_timesteps_favour_the_layout_range_when_asked():
+    from malerei.train.common import step_generator
+    from malerei.train.diffusion import sample_timesteps
+
+    uniform = replace(TINY_UNET, high_noise_fraction=0.0)
+    mixed = replace(TINY_UNET, high_noise_fraction=0.5, high_noise_min_t=850, high_noise_from_step=10)
+    u = sample_timesteps(uniform, 20, 4000, step_generator(0, 20))
+    m = sample_timesteps(mixed, 20, 4000, step_generator(0, 20))
+    before = sample_timesteps(mixed, 5, 4000, step_generator(0, 5))
+    assert 0.12 < (u >= 850).float().mean() < 0.18  # uniform: 15 %
+    assert 0.50 < (m >= 850).float().mean() < 0.65  # half redrawn from [850, 1000): 57.5 %
+    assert 0.12 < (before >= 850).float().mean() < 0.18  # the curriculum starts at its step
+    assert m.min() >= 0 and m.max() <= 999
+    assert torch.equal(m, sample_timesteps(mixed, 20, 4000, step_generator(0, 20))), "a pure function of (seed, step)"
