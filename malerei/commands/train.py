@@ -60,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
     u.add_argument("--vae", type=Path, help="the VAE run: evaluate the EMA weights every --eval-every steps (eval.csv)")
     u.add_argument("--eval-every", type=int)
+    u.add_argument("--high-noise-fraction", type=float, help="share of timesteps drawn from the layout range (default 0.5)")
+    u.add_argument("--high-noise-from-step", type=int, help="uniform timesteps before this step (a curriculum)")
     u.add_argument("--threads", type=int, help="torch CPU threads")
     u.set_defaults(func=run_unet)
 
@@ -184,8 +186,13 @@ def run_unet(args: argparse.Namespace) -> int:
     config = _config(
         DiffusionConfig, args.run, args,
         {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes",
-         "eval_every": "eval_every"},
+         "eval_every": "eval_every", "high_noise_fraction": "high_noise_fraction",
+         "high_noise_from_step": "high_noise_from_step"},
     )
+    from malerei.engine.errors import InvalidParameter
+
+    if not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0:
+        raise InvalidParameter("--high-noise-fraction must be within [0, 1] and --high-noise-from-step not negative")
     evaluate = periodic_evaluator(config, args.vae, args.latents, args.run) if args.vae else None
     bar, on_step = _progress(config.steps, 0, "unet", ["loss", "samples_per_s"])
     with bar:
