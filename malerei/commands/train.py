@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--images", type=int, default=120_000, help="renders to train on")
     a.add_argument("--vae-minutes", type=float, default=35.0)
     a.add_argument("--unet-minutes", type=float, default=100.0)
-    a.add_argument("--decoder-minutes", type=float, default=20.0, help="decoder fine-tuning after the UNet (0: none)")
+    a.add_argument("--decoder-minutes", type=float, default=0.0, help="decoder fine-tuning after the UNet (0: none)")
     a.add_argument("--device", default="auto")
     a.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     a.set_defaults(func=run_all)
