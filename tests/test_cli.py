@@ -144,3 +144,18 @@ def test_bad_hires_scale_is_one_line(tiny_sd1, tmp_path):
     result = run_cli("generate", "a red circle", "--model", tiny_sd1.folder, "--hires-scale", 9, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_continuation_flags_refuse_what_is_not_a_model(tmp_path):
+    """`train unet --init-from` and `train decoder --vae` name a run or an exported model folder;
+    anything else is one line and exit 2, and no run directory is started."""
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "data").mkdir()
+    for args in (("train", "unet", "--latents", "latents", "--run", "run", "--init-from", "nothing-here"),
+                 ("train", "decoder", "--vae", "nothing-here", "--data", "data", "--run", "run"),
+                 ("train", "decoder", "--vae", REPO / "malerei" / "models" / "shapes", "--data", "data", "--run", "run",
+                  "--mask-weight", "-1")):
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "run").exists()

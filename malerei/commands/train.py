@@ -35,11 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_vae)
 
     d = tsub.add_parser("decoder", help="fine-tune a trained VAE's decoder with its encoder frozen (same latents)")
-    d.add_argument("--vae", type=Path, required=True, help="the trained VAE run whose latents the UNet uses")
+    d.add_argument("--vae", type=Path, required=True,
+                   help="the trained VAE whose latents the UNet uses: a VAE run, or an exported model folder")
     d.add_argument("--data", type=Path, required=True)
     d.add_argument("--run", type=Path, required=True)
     d.add_argument("--steps", type=int, default=3000)
     d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--mask-weight", type=float, default=0.0,
+                   help="weight of the loss on the evaluator's object mask (sharp small shapes)")
+    d.add_argument("--threads", type=int, help="torch CPU threads")
     d.add_argument("--device")
     d.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
     d.set_defaults(func=run_decoder)
@@ -62,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--eval-every", type=int)
     u.add_argument("--high-noise-fraction", type=float, help="share of timesteps drawn from the layout range (default 0.5)")
     u.add_argument("--high-noise-from-step", type=int, help="uniform timesteps before this step (a curriculum)")
+    u.add_argument("--init-from", type=Path,
+                   help="continue training this model: a diffusion run or an exported model folder (same VAE)")
     u.add_argument("--threads", type=int, help="torch CPU threads")
     u.set_defaults(func=run_unet)
 
@@ -159,13 +165,27 @@ def run_decoder(args: argparse.Namespace) -> int:
 
     from malerei.train.vae import VAEConfig
 
+    from malerei.engine.errors import InvalidParameter
+    from malerei.train.vae import vae_config_of
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if (args.run / "config.json").exists():
         config = _config(VAEConfig, args.run, args, {"device": "device", "minutes": "time_limit_minutes"})
     else:
-        base = _config(VAEConfig, args.vae, argparse.Namespace(), {})
+        if not (args.vae / "checkpoint.pt").exists() and not any(
+            (folder / "config.json").exists() for folder in (args.vae, args.vae / "vae")
+        ):
+            raise InvalidParameter(f"{args.vae} is neither a VAE run nor an exported model folder")
+        if args.mask_weight < 0:
+            raise InvalidParameter("--mask-weight must not be negative")
+        base = vae_config_of(args.vae)
         # Another batch seed: the base run has seen its first epoch's order already.
         config = replace(base, decoder_from=str(args.vae), steps=args.steps, lr=args.lr, warmup=50, seed=base.seed + 1,
-                         time_limit_minutes=args.minutes or 0.0, device=args.device or base.device)
+                         mask_weight=args.mask_weight, time_limit_minutes=args.minutes or 0.0,
+                         device=args.device or base.device)
     return _train_and_evaluate_vae(config, args.data, args.run, "decoder")
 
 
@@ -177,6 +197,8 @@ def run_latents(args: argparse.Namespace) -> int:
 
 
 def run_unet(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from malerei.train.diffusion import DiffusionConfig, periodic_evaluator, train_diffusion
 
     if args.threads:
@@ -190,6 +212,12 @@ def run_unet(args: argparse.Namespace) -> int:
          "high_noise_from_step": "high_noise_from_step"},
     )
     from malerei.engine.errors import InvalidParameter
+
+    if args.init_from is not None and not (args.run / "config.json").exists():
+        source = args.init_from
+        if not ((source / "checkpoint.pt").exists() or (source / "unet" / "config.json").exists()):
+            raise InvalidParameter(f"--init-from {source} is neither a diffusion run nor an exported model folder")
+        config = replace(config, init_from=str(source))
 
     if not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0:
         raise InvalidParameter("--high-noise-fraction must be within [0, 1] and --high-noise-from-step not negative")

@@ -74,6 +74,10 @@ class DiffusionConfig:
     eval_every: int = 1000  # 0: never during training
     device: str = "auto"
     time_limit_minutes: float = 0.0  # >0: checkpoint and stop after this long (runs in pieces)
+    # Continue training: a diffusion run (its EMA weights) or an exported model folder whose text
+    # encoder and UNet start this run (a new optimizer and learning-rate schedule). The model must
+    # have this config's architecture and the VAE of this run's latents.
+    init_from: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -171,6 +175,21 @@ def prepare_latents(data_dir: Path, vae_run: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def trained_diffusion_state(path: Path) -> tuple[dict, dict]:
+    """(UNet, text encoder) weights of a diffusion run (its EMA) or of an exported model folder."""
+    from malerei.train.common import load_checkpoint
+
+    if (path / "checkpoint.pt").exists():
+        state = load_checkpoint(path / "checkpoint.pt")
+        return state["ema_unet"], state["ema_text"]
+    from safetensors.torch import load_file
+
+    unet_file, text_file = path / "unet" / "diffusion_pytorch_model.safetensors", path / "text_encoder" / "model.safetensors"
+    if not (unet_file.exists() and text_file.exists()):
+        raise FileNotFoundError(f"{path} is neither a diffusion run nor an exported model folder")
+    return load_file(unet_file), load_file(text_file)
+
+
 def _alphas_cumprod(config: DiffusionConfig) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
@@ -221,6 +240,10 @@ def train_diffusion(
         config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id
     ).to(device)
     unet = build_unet(config, latents.shape[1], latents.shape[-1]).to(device)
+    if config.init_from:
+        unet_state, text_state = trained_diffusion_state(Path(config.init_from))
+        unet.load_state_dict(unet_state)
+        text_encoder.load_state_dict(text_state)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     ema_unet, ema_text = EMA(unet, config.ema_decay), EMA(text_encoder, config.ema_decay)
