@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--data", type=Path, required=True)
     lat.add_argument("--vae", type=Path, required=True)
     lat.add_argument("--out", type=Path, required=True)
+    lat.add_argument("--objects-only", action="store_true",
+                     help="only write objects.pt (the latent cells that hold objects) beside existing latents")
     lat.set_defaults(func=run_latents)
 
     u = tsub.add_parser("unet", help="train text encoder + UNet on precomputed latents")
@@ -66,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--eval-every", type=int)
     u.add_argument("--high-noise-fraction", type=float, help="share of timesteps drawn from the layout range (default 0.5)")
     u.add_argument("--high-noise-from-step", type=int, help="uniform timesteps before this step (a curriculum)")
+    u.add_argument("--object-weight", type=float,
+                   help="extra loss weight on latent cells that hold objects (0: a plain mean)")
     u.add_argument("--init-from", type=Path,
                    help="continue training this model: a diffusion run or an exported model folder (same VAE)")
     u.add_argument("--threads", type=int, help="torch CPU threads")
@@ -190,8 +194,14 @@ def run_decoder(args: argparse.Namespace) -> int:
 
 
 def run_latents(args: argparse.Namespace) -> int:
-    from malerei.train.diffusion import prepare_latents
+    from malerei.engine.errors import InvalidParameter
+    from malerei.train.diffusion import prepare_latents, prepare_object_cells
 
+    if args.objects_only:
+        if not (args.out / "latents.pt").exists():
+            raise InvalidParameter(f"--objects-only needs latents in {args.out}; run without it first")
+        print(prepare_object_cells(args.data, args.out))
+        return 0
     print(prepare_latents(args.data, args.vae, args.out))
     return 0
 
@@ -209,7 +219,7 @@ def run_unet(args: argparse.Namespace) -> int:
         DiffusionConfig, args.run, args,
         {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes",
          "eval_every": "eval_every", "high_noise_fraction": "high_noise_fraction",
-         "high_noise_from_step": "high_noise_from_step"},
+         "high_noise_from_step": "high_noise_from_step", "object_weight": "object_weight"},
     )
     from malerei.engine.errors import InvalidParameter
 
@@ -219,8 +229,9 @@ def run_unet(args: argparse.Namespace) -> int:
             raise InvalidParameter(f"--init-from {source} is neither a diffusion run nor an exported model folder")
         config = replace(config, init_from=str(source))
 
-    if not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0:
-        raise InvalidParameter("--high-noise-fraction must be within [0, 1] and --high-noise-from-step not negative")
+    if not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0 or config.object_weight < 0:
+        raise InvalidParameter("--high-noise-fraction must be within [0, 1], --high-noise-from-step and "
+                               "--object-weight not negative")
     evaluate = periodic_evaluator(config, args.vae, args.latents, args.run) if args.vae else None
     bar, on_step = _progress(config.steps, 0, "unet", ["loss", "samples_per_s"])
     with bar:

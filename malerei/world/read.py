@@ -51,6 +51,20 @@ def _read_object(image: np.ndarray, mask: np.ndarray, scale: float) -> ObjectRea
     return ObjectReading(colour=colour, shape=shape, size=size, cell=cell, pixels=len(ys))
 
 
+def background_and_object_pixels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SHAPES.md's steps 1 and 2 for one image [H, W, 3] or a batch [N, H, W, 3]: the median RGB
+    of the outer 3-pixel border, and the mask of pixels farther than 60 from it."""
+    images = np.asarray(images)[..., :3].astype(np.float64)
+    lead = images.shape[:-3]
+    border = np.concatenate(
+        [images[..., :3, :, :].reshape(*lead, -1, 3), images[..., -3:, :, :].reshape(*lead, -1, 3),
+         images[..., 3:-3, :3, :].reshape(*lead, -1, 3), images[..., 3:-3, -3:, :].reshape(*lead, -1, 3)], axis=-2
+    )
+    bg_median = np.median(border, axis=-2)
+    distance = np.sqrt(((images - bg_median[..., None, None, :]) ** 2).sum(axis=-1))
+    return bg_median, distance > OBJECT_DISTANCE
+
+
 def read_image(image: np.ndarray, *, max_objects: int = 2) -> Reading:
     """Read background and up to `max_objects` largest 8-connected components (largest first)."""
     image = np.asarray(image)
@@ -58,13 +72,9 @@ def read_image(image: np.ndarray, *, max_objects: int = 2) -> Reading:
         raise ValueError("expected an RGB image array [H, W, 3]")
     image = image[..., :3]
     scale = image.shape[0] / 64
-    border = np.concatenate(
-        [image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3), image[3:-3, :3].reshape(-1, 3), image[3:-3, -3:].reshape(-1, 3)]
-    ).astype(np.float64)
-    bg_median = np.median(border, axis=0)
+    bg_median, object_pixels = background_and_object_pixels(image)
     background = nearest_colour(bg_median)
-    distance = np.sqrt(((image.astype(np.float64) - bg_median) ** 2).sum(axis=2))
-    labels, n = ndimage.label(distance > OBJECT_DISTANCE, structure=_EIGHT_CONNECTED)
+    labels, n = ndimage.label(object_pixels, structure=_EIGHT_CONNECTED)
     if n == 0:
         return Reading(background=background, objects=())
     counts = np.bincount(labels.ravel())[1:]

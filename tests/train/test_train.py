@@ -265,3 +265,32 @@ def test_vae_evaluation_reads_shapes_per_size(shards, tmp_path):
     # The renderer's own large shapes always read right; a 4-step VAE's round trip does not.
     assert all(kinds[f"large {shape}"][0] == 1.0 for shape in ("circle", "square", "triangle"))
     assert metrics["adherence_roundtrip"] < metrics["adherence_originals"]
+
+
+def test_object_cells_and_the_object_weighted_loss(shards, tmp_path):
+    """objects.pt marks the latent cells that hold object pixels (SHAPES.md's rule), and the weighted
+    loss trains on them: a run with --object-weight differs from one without, and needs objects.pt."""
+    from malerei.train.diffusion import object_cells
+    from malerei.world.render import render
+    from malerei.world.scene import Scene, WorldObject
+
+    square = WorldObject(shape="square", colour="red", size="small", cell=(0, 0), cx=14, cy=14, extent=8)
+    cells = object_cells(render(Scene(background="blue", objects=(square,)), 64)[None], 4)[0]
+    assert cells.shape == (16, 16)
+    # The square spans x, y in [10, 18): latent cells 2..4 in each axis, nothing else.
+    assert cells.nonzero().tolist() == [[r, c] for r in range(2, 5) for c in range(2, 5)]
+
+    images, _ = read_shards(shards)
+    train_vae(TINY_VAE, images, tmp_path / "vae")
+    prepare_latents(shards, tmp_path / "vae", tmp_path / "latents")
+    objects = torch.load(tmp_path / "latents" / "objects.pt", weights_only=True)
+    latents = torch.load(tmp_path / "latents" / "latents.pt", weights_only=True)
+    assert objects.shape == (len(images), *latents.shape[-2:]) and 0 < objects.float().mean() < 0.5
+    train_diffusion(TINY_UNET, tmp_path / "latents", tmp_path / "plain")
+    train_diffusion(replace(TINY_UNET, object_weight=6.0), tmp_path / "latents", tmp_path / "weighted")
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["unet"]
+    weighted = load_checkpoint(tmp_path / "weighted" / "checkpoint.pt")["unet"]
+    assert not _same(plain, weighted)
+    (tmp_path / "latents" / "objects.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="objects-only"):
+        train_diffusion(replace(TINY_UNET, object_weight=6.0), tmp_path / "latents", tmp_path / "missing")
