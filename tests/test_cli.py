@@ -139,6 +139,21 @@ def test_generate_with_hires_fix_writes_the_larger_image(tiny_sd1, tmp_path):
     assert Image.open(path).size == (128, 128)
     assert "Hires upscale: 2" in read_png_metadata(path).infotext
 
+    # --from remakes both passes: the same pixels at the same size.
+    again = run_cli("generate", "--from", path, "--out", "again", cwd=tmp_path)
+    [copy] = paths_of(again)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / copy)), np.asarray(Image.open(path)))
+    assert read_png_metadata(tmp_path / copy).infotext == read_png_metadata(path).infotext
+    # A1111's infotext alone (no malerei recipe) carries the hires fix too.
+    info = Image.open(path).info["parameters"]
+    a1111 = tmp_path / "a1111.png"
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", info)
+    Image.open(path).save(a1111, pnginfo=chunk)
+    from_text = run_cli("generate", "--from", a1111, "--model", tiny_sd1.folder, "--out", "text", cwd=tmp_path)
+    [copy] = paths_of(from_text)
+    assert Image.open(tmp_path / copy).size == (128, 128)
+
 
 def test_bad_hires_scale_is_one_line(tiny_sd1, tmp_path):
     result = run_cli("generate", "a red circle", "--model", tiny_sd1.folder, "--hires-scale", 9, cwd=tmp_path)

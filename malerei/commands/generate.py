@@ -105,6 +105,7 @@ class Plan:
     device: str | None
     dtype: str | None
     memory: dict = field(default_factory=dict)
+    hires: dict | None = None  # --from a hires-fix image: its second pass (scale, upscaler, strength, steps)
 
 
 _OVERRIDES = {  # CLI option -> GenerationParams field
@@ -159,13 +160,18 @@ def _plan_from_image(args) -> Plan:
             if batch.get("subseed") is not None:
                 params["subseed"] = batch["subseed"]
             pick = int(batch["index"])
+        hires = recipe.get("hires") if isinstance(recipe.get("hires"), dict) else None
+        if hires and isinstance(hires.get("first_pass_size"), list) and len(hires["first_pass_size"]) == 2:
+            # The recipe's params are the second pass's (at the target size); the first pass ran here.
+            params["width"], params["height"] = (int(v) for v in hires["first_pass_size"])
         model_info = recipe.get("model") or {}
         path = model_info.get("path")
         model_ref = path if path and Path(path).exists() else model_info.get("name")
         job = Job(params=_make_params({**params, **given}), pick=pick, expect_hash=model_info.get("short_hash"))
         memory = recipe.get("memory") or {}
         return Plan(jobs=[job], model=args.model or model_ref, device=args.device or recipe.get("device"),
-                    dtype=args.dtype or recipe.get("dtype"), memory=memory)
+                    dtype=args.dtype or recipe.get("dtype"), memory=memory,
+                    hires=_recorded_hires(hires, job.params.steps))
     if meta.infotext is None:
         raise ImageError(f"{args.from_image} has no generation parameters (no malerei recipe, no A1111 infotext)")
     typed = metadata.infotext_to_params(meta.params)
@@ -175,7 +181,21 @@ def _plan_from_image(args) -> Plan:
     if "prompt" not in params:
         raise ImageError(f"{args.from_image}: its infotext has no prompt")
     job = Job(params=_make_params({**params, **given}), expect_hash=typed.get("model_hash"))
-    return Plan(jobs=[job], model=args.model or typed.get("model"), device=args.device, dtype=args.dtype)
+    hires = None
+    if typed.get("hires_upscale") is not None:  # A1111 writes the hires fix's second pass this way
+        hires = {"scale": typed["hires_upscale"], "upscaler": typed.get("hires_upscaler") or "Latent",
+                 "strength": typed.get("denoising_strength"), "steps": typed.get("hires_steps")}
+    return Plan(jobs=[job], model=args.model or typed.get("model"), device=args.device, dtype=args.dtype, hires=hires)
+
+
+def _recorded_hires(hires: dict | None, first_pass_steps: int | None) -> dict | None:
+    """The hires-fix options a recipe recorded; its steps only when they differ from the first
+    pass's (A1111 writes "Hires steps" only then, and the remake's infotext should match)."""
+    if not hires:
+        return None
+    steps = hires.get("steps")
+    return {"scale": hires.get("scale"), "upscaler": hires.get("upscaler"), "strength": hires.get("strength"),
+            "steps": steps if steps != first_pass_steps else None}
 
 
 def _make_params(values: dict):
@@ -377,6 +397,16 @@ def cmd_generate(args) -> int:
 
     from malerei.commands import edit
 
+    if jobs.hires and args.hires_scale is None:
+        # --from a hires-fix image: run its second pass too, as recorded (the command line's
+        # --hires-* options win when --hires-scale is given).
+        recorded = jobs.hires
+        args.hires_scale = recorded["scale"]
+        args.hires_upscaler = recorded.get("upscaler") or args.hires_upscaler
+        if recorded.get("strength") is not None:
+            args.hires_strength = float(recorded["strength"])
+        if recorded.get("steps") and args.hires_steps is None:
+            args.hires_steps = int(recorded["steps"])
     hires = edit.hires_options(args)  # checked before the model loads
     model = _load(jobs, args)
     upscaler = edit.hires_upscaler(hires, args)
