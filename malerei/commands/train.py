@@ -167,10 +167,8 @@ def _train_and_evaluate_vae(config, data: Path, run: Path, label: str) -> int:
 def run_decoder(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from malerei.train.vae import VAEConfig
-
     from malerei.engine.errors import InvalidParameter
-    from malerei.train.vae import vae_config_of
+    from malerei.train.vae import VAEConfig, vae_config_of
 
     if args.threads:
         import torch
