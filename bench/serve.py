@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -140,6 +141,14 @@ def run_level(url: str, key: str, clients: int, requests: int, body: dict) -> di
             "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
 
 
+def batch_sizes(log: Path, start: int) -> float:
+    """Mean jobs per worker batch (one UNet call) in the server log from byte `start` on."""
+    with open(log, "rb") as handle:
+        handle.seek(start)
+        sizes = [int(m) for m in re.findall(rb"running (\d+) job", handle.read())]
+    return statistics.mean(sizes) if sizes else 0.0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", type=Path, default=None)
@@ -163,13 +172,18 @@ def main() -> int:
     try:
         with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
             one_job(client, body)  # warm-up: model load, first-call costs
-        results = [run_level(url, key, int(level), args.requests, body) for level in args.levels.split(",")]
+        results = []
+        for level in args.levels.split(","):
+            log_from = (data_dir / "server.log").stat().st_size
+            results.append(run_level(url, key, int(level), args.requests, body))
+            results[-1]["jobs_per_unet_call"] = batch_sizes(data_dir / "server.log", log_from)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    print(f"{'clients':>7} {'jobs':>5} {'images/s':>9} {'p50 s':>7} {'p95 s':>7}")
+    print(f"{'clients':>7} {'jobs':>5} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'jobs per UNet call':>19}")
     for r in results:
-        print(f"{r['clients']:>7} {r['jobs']:>5} {r['images_per_s']:>9.3f} {r['p50_s']:>7.2f} {r['p95_s']:>7.2f}")
+        print(f"{r['clients']:>7} {r['jobs']:>5} {r['images_per_s']:>9.3f} {r['p50_s']:>7.2f} {r['p95_s']:>7.2f} "
+              f"{r['jobs_per_unet_call']:>19.2f}")
     if len(results) > 1:
         print(f"speed-up {results[-1]['clients']} vs {results[0]['clients']} clients: "
               f"{results[-1]['images_per_s'] / results[0]['images_per_s']:.2f}x")

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--out", type=Path, required=True)
     lat.add_argument("--objects-only", action="store_true",
                      help="only write objects.pt (the latent cells that hold objects) beside existing latents")
+    lat.add_argument("--edits", type=int, metavar="N",
+                     help="only write edits.pt beside existing latents: the first N scenes on another background "
+                          "(for `train unet --edit-fraction`)")
     lat.set_defaults(func=run_latents)
 
     u = tsub.add_parser("unet", help="train text encoder + UNet on precomputed latents")
@@ -70,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--high-noise-from-step", type=int, help="uniform timesteps before this step (a curriculum)")
     u.add_argument("--object-weight", type=float,
                    help="extra loss weight on latent cells that hold objects (0: a plain mean)")
+    u.add_argument("--edit-fraction", type=float,
+                   help="share of eligible samples noised from the scene on another background (edits.pt): "
+                        "img2img follows a changed prompt")
     u.add_argument("--init-from", type=Path,
                    help="continue training this model: a diffusion run or an exported model folder (same VAE)")
     u.add_argument("--threads", type=int, help="torch CPU threads")
@@ -96,7 +102,7 @@ def _config(cls, run: Path, args: argparse.Namespace, names: dict[str, str]):
     """A run's config: the saved one when resuming, else defaults; CLI flags override either."""
     saved = run / "config.json"
     values = json.loads(saved.read_text()) if saved.exists() else {}
-    for key in ("block_out_channels", "attention_levels"):
+    for key in ("block_out_channels", "attention_levels", "edit_t_range"):
         if key in values:
             values[key] = tuple(values[key])
     for flag, field in names.items():
@@ -193,12 +199,17 @@ def run_decoder(args: argparse.Namespace) -> int:
 
 def run_latents(args: argparse.Namespace) -> int:
     from malerei.engine.errors import InvalidParameter
-    from malerei.train.diffusion import prepare_latents, prepare_object_cells
+    from malerei.train.diffusion import prepare_edit_latents, prepare_latents, prepare_object_cells
 
-    if args.objects_only:
+    if args.objects_only or args.edits is not None:
         if not (args.out / "latents.pt").exists():
-            raise InvalidParameter(f"--objects-only needs latents in {args.out}; run without it first")
-        print(prepare_object_cells(args.data, args.out))
+            raise InvalidParameter(f"--objects-only and --edits need latents in {args.out}; run without them first")
+        if args.edits is not None and args.edits < 1:
+            raise InvalidParameter("--edits must be at least 1")
+        if args.objects_only:
+            print(prepare_object_cells(args.data, args.out))
+        if args.edits is not None:
+            print(prepare_edit_latents(args.data, args.vae, args.out, args.edits))
         return 0
     print(prepare_latents(args.data, args.vae, args.out))
     return 0
@@ -217,7 +228,8 @@ def run_unet(args: argparse.Namespace) -> int:
         DiffusionConfig, args.run, args,
         {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes",
          "eval_every": "eval_every", "high_noise_fraction": "high_noise_fraction",
-         "high_noise_from_step": "high_noise_from_step", "object_weight": "object_weight"},
+         "high_noise_from_step": "high_noise_from_step", "object_weight": "object_weight",
+         "edit_fraction": "edit_fraction"},
     )
     from malerei.engine.errors import InvalidParameter
 
@@ -227,9 +239,10 @@ def run_unet(args: argparse.Namespace) -> int:
             raise InvalidParameter(f"--init-from {source} is neither a diffusion run nor an exported model folder")
         config = replace(config, init_from=str(source))
 
-    if not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0 or config.object_weight < 0:
-        raise InvalidParameter("--high-noise-fraction must be within [0, 1], --high-noise-from-step and "
-                               "--object-weight not negative")
+    if (not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0 or config.object_weight < 0
+            or not 0.0 <= config.edit_fraction <= 1.0):
+        raise InvalidParameter("--high-noise-fraction and --edit-fraction must be within [0, 1], "
+                               "--high-noise-from-step and --object-weight not negative")
     evaluate = periodic_evaluator(config, args.vae, args.latents, args.run) if args.vae else None
     bar, on_step = _progress(config.steps, 0, "unet", ["loss", "samples_per_s"])
     with bar:

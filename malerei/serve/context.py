@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from malerei.serve.catalog import ModelCatalog
 from malerei.serve.config import Settings, check_queue_url
 from malerei.serve.db.migrate import upgrade
 from malerei.serve.db.session import Database
+from malerei.serve.jobs.changes import JobChanges
 from malerei.serve.jobs.queue import JobQueue, SqlJobQueue
 from malerei.serve.metrics import Metrics
 from malerei.serve.ratelimit import RateLimiter, RedisTokenBuckets, TokenBuckets
@@ -24,6 +25,7 @@ class Services:
     catalog: ModelCatalog
     limiter: RateLimiter
     metrics: Metrics
+    changes: JobChanges = field(default_factory=JobChanges)  # this process's worker -> its event streams
 
 
 def build_services(settings: Settings) -> Services:

@@ -62,6 +62,13 @@ class DiffusionConfig:
     # blob ~2, so under a plain mean its shape is a sliver of the loss: v1 drew every small shape
     # as a blob (small squares 21 %, small triangles 0 %) while colour, size and position were right.
     object_weight: float = 0.0
+    # Edit pairs (img2img's case): this share of the samples that may take one (t in edit_t_range,
+    # a caption that names its background, not dropped) is noised from the same scene on another
+    # background (edits.pt) while the target stays the captioned image. Plain training never shows
+    # text and x_t disagreeing, and at t ~500 the background is plain to see in x_t, so a
+    # strength-0.5 img2img kept the old background whatever the prompt said (7 %).
+    edit_fraction: float = 0.0
+    edit_t_range: tuple[int, int] = (200, 800)
     # Noise schedule, as in the shipped scheduler config.
     prediction_type: str = "v_prediction"
     rescale_betas_zero_snr: bool = True
@@ -205,6 +212,22 @@ def prepare_latents(data_dir: Path, vae_run: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def prepare_edit_latents(data_dir: Path, vae_run: Path, latents_dir: Path, n: int) -> Path:
+    """edits.pt beside latents.pt, for `edit_fraction`: the first `n` training scenes rendered again
+    on another background and encoded, and whether each caption names its background."""
+    from malerei.train.common import pick_train_device
+    from malerei.train.vae import load_trained_vae
+    from malerei.world.shards import read_shard_scenes, recoloured_backgrounds
+
+    scenes = read_shard_scenes(data_dir, n)
+    size = json.loads((Path(data_dir) / "meta.json").read_text())["spec"]["size"]
+    images, named = recoloured_backgrounds(scenes, size, seed=len(scenes))
+    vae = load_trained_vae(vae_run).to(pick_train_device(None))
+    path = latents_dir / "edits.pt"
+    torch.save({"latents": encode_latents(vae, images), "named": torch.from_numpy(named)}, path)
+    return path
+
+
 def trained_diffusion_state(path: Path) -> tuple[dict, dict]:
     """(UNet, text encoder) weights of a diffusion run (its EMA) or of an exported model folder."""
     from malerei.train.common import load_checkpoint
@@ -233,6 +256,16 @@ def sample_timesteps(config: DiffusionConfig, step: int, n: int, g: torch.Genera
         high = torch.rand(n, generator=g) < config.high_noise_fraction
         t = torch.where(high, torch.randint(config.high_noise_min_t, 1000, (n,), generator=g), t)
     return t
+
+
+def edit_samples(config: DiffusionConfig, edits: dict, idx: torch.Tensor, t: torch.Tensor, captioned: torch.Tensor,
+                 g: torch.Generator) -> torch.Tensor:
+    """Which samples of a batch are noised from their recoloured twin (bool [n])."""
+    n_edits = len(edits["named"])
+    low, high = config.edit_t_range
+    eligible = (idx < n_edits) & captioned & (t >= low) & (t < high)
+    eligible &= edits["named"][idx.clamp(max=n_edits - 1)]
+    return eligible & (torch.rand(len(idx), generator=g) < config.edit_fraction)
 
 
 def train_diffusion(
@@ -269,6 +302,11 @@ def train_diffusion(
         if not (latents_dir / "objects.pt").exists():
             raise FileNotFoundError(f"{latents_dir / 'objects.pt'} is missing: `malerei train latents --objects-only` writes it")
         objects = torch.load(latents_dir / "objects.pt", weights_only=True)
+    edits = None
+    if config.edit_fraction > 0:
+        if not (latents_dir / "edits.pt").exists():
+            raise FileNotFoundError(f"{latents_dir / 'edits.pt'} is missing: `malerei train latents --edits N` writes it")
+        edits = torch.load(latents_dir / "edits.pt", weights_only=True)
 
     torch.manual_seed(config.seed)
     text_encoder = build_text_encoder(
@@ -318,6 +356,14 @@ def train_diffusion(
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
         target = a * noise - s * x0 if config.prediction_type == "v_prediction" else noise
+        if edits is not None and (use := edit_samples(config, edits, idx, t.cpu(), ~drop, g).to(device)).any():
+            twin = (edits["latents"][idx[use.cpu()]] * scale).to(device)
+            xt[use] = a[use] * twin + s[use] * noise[use]
+            # the target that leads from this x_t to the captioned x0
+            if config.prediction_type == "v_prediction":
+                target[use] = (a[use] * xt[use] - x0[use]) / s[use]
+            else:
+                target[use] = (xt[use] - a[use] * x0[use]) / s[use]
         with autocast:
             context = text_encoder(input_ids.to(device)).last_hidden_state
             pred = unet(xt, t, encoder_hidden_states=context).sample

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from malerei.world.render import render
-from malerei.world.scene import sample_scene
+from malerei.world.scene import Scene, sample_scene
+from malerei.world.vocab import COLOURS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,16 +27,36 @@ class ShardSpec:
     split: str = "train"  # training never sees held-out pairs
 
 
-def render_shard(index: int, count: int, seed: int, spec: ShardSpec) -> tuple[np.ndarray, list[str]]:
+def shard_scenes(index: int, count: int, seed: int, spec: ShardSpec) -> list[Scene]:
+    """The scenes of shard `index`, in order (the same for a seed, so a shard can be re-derived)."""
     rng = np.random.default_rng([seed, index])
-    images = np.empty((count, spec.size, spec.size, 3), dtype=np.uint8)
-    captions = []
-    for i in range(count):
+    scenes = []
+    for _ in range(count):
         n_objects = 2 if rng.random() < spec.two_object_fraction else 1
-        scene = sample_scene(rng, n_objects=n_objects, split=spec.split, drop_probability=spec.drop_probability)
+        scenes.append(sample_scene(rng, n_objects=n_objects, split=spec.split, drop_probability=spec.drop_probability))
+    return scenes
+
+
+def render_shard(index: int, count: int, seed: int, spec: ShardSpec) -> tuple[np.ndarray, list[str]]:
+    scenes = shard_scenes(index, count, seed, spec)
+    images = np.empty((count, spec.size, spec.size, 3), dtype=np.uint8)
+    for i, scene in enumerate(scenes):
         images[i] = render(scene, spec.size)
-        captions.append(scene.caption)
-    return images, captions
+    return images, [scene.caption for scene in scenes]
+
+
+def recoloured_backgrounds(scenes: list[Scene], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each scene rendered again on another background colour (none of its objects' colours), and
+    whether its caption names the background (only then does the text say which one is right).
+    Training pairs for edits: noise the recoloured image, ask for the captioned one."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((len(scenes), size, size, 3), dtype=np.uint8)
+    named = np.array(["background" not in scene.drop for scene in scenes])
+    for i, scene in enumerate(scenes):
+        taken = {scene.background} | {obj.colour for obj in scene.objects}
+        others = [c for c in COLOURS if c not in taken]
+        images[i] = render(replace(scene, background=others[rng.integers(len(others))]), size)
+    return images, named
 
 
 def _write_shard(args: tuple[Path, int, int, int, ShardSpec]) -> Path:
@@ -97,3 +118,21 @@ def read_shards(directory: Path) -> tuple[np.ndarray, list[str]]:
             images.append(f["images"])
             captions.extend(str(c) for c in f["captions"])
     return np.concatenate(images), captions
+
+
+def read_shard_scenes(directory: Path, n: int) -> list[Scene]:
+    """The scenes behind the first `n` images of a shard directory, re-derived from its meta.json
+    (checked against the stored captions, so a directory rendered another way is refused)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    spec = ShardSpec(**meta["spec"])
+    scenes: list[Scene] = []
+    for index, start in enumerate(range(0, min(n, meta["n"]), meta["shard_size"])):
+        count = min(meta["shard_size"], meta["n"] - start)
+        shard = shard_scenes(index, count, meta["seed"], spec)
+        with np.load(directory / f"shard_{index:05d}.npz") as f:
+            stored = [str(c) for c in f["captions"]]
+        if [scene.caption for scene in shard] != stored:
+            raise ValueError(f"{directory / f'shard_{index:05d}.npz'} does not match its meta.json's seed and spec")
+        scenes.extend(shard)
+    return scenes[:n]

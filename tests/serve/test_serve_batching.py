@@ -78,3 +78,61 @@ def test_claim_takes_the_oldest_job_and_its_compatible_company(tmp_path):
     assert [(j.id, j.attempts) for j in again] == [("job_2", 2)]
     assert not services.queue.fail("w2", "job_2", "x", "stale worker")
     assert services.queue.fail("w3", "job_2", "x", "current worker")
+
+
+def _queue_job(services, user_id: str, job_id: str, created_at: float) -> None:
+    params = {"width": 64, "height": 64, "sampler": "Euler", "scheduler": "Automatic", "steps": 4, "prompt": job_id}
+    with services.db.write() as s:
+        s.add(Job(id=job_id, user_id=user_id, kind="txt2img", model="m", params=params,
+                  batch_key=batch_key(job_id=job_id, kind="txt2img", model="m", params=params), n_images=1,
+                  cost=1, status="queued", attempts=0, cancel_requested=False, created_at=created_at,
+                  progress_step=0, progress_total=4, webhook_status="none", webhook_attempts=0))
+
+
+def test_the_batch_window_also_counts_from_the_workers_last_batch(tmp_path):
+    """Under steady load the queued jobs are old when a batch ends, and the clients of the batch
+    just finished submit again a moment later: the window counts from the end of the worker's last
+    batch too, so they join; it ends early once the batch is full; with an old job and no recent
+    batch the claim does not wait."""
+    import threading
+
+    from malerei.serve.accounts.users import create_user
+
+    services = build_services(Settings(data_dir=tmp_path))
+    with services.db.write() as s:
+        user_id = create_user(s, "u").id
+    _queue_job(services, user_id, "job_old", time.time() - 10)
+    late = threading.Timer(0.2, lambda: _queue_job(services, user_id, "job_late", time.time()))
+    late.start()
+    started = time.monotonic()
+    claimed = services.queue.claim("w", max_jobs=2, lease_s=10, window_s=1.5, since=time.time())
+    waited = time.monotonic() - started
+    late.join()
+    assert [j.id for j in claimed] == ["job_old", "job_late"]
+    assert 0.15 < waited < 1.2  # joined by the late job, and no longer waited once the batch was full
+
+    _queue_job(services, user_id, "job_old2", time.time() - 10)
+    started = time.monotonic()
+    assert [j.id for j in services.queue.claim("w", max_jobs=8, lease_s=10, window_s=1.5)] == ["job_old2"]
+    assert time.monotonic() - started < 1.0
+
+
+def test_job_changes_wake_a_listening_stream_from_another_thread():
+    import asyncio
+    import threading
+
+    from malerei.serve.jobs.changes import JobChanges
+
+    changes = JobChanges()
+
+    async def scenario() -> tuple[bool, bool, float]:
+        with changes.listen() as listener:
+            quiet = await listener.wait(0.05)  # nothing changed: times out
+            threading.Timer(0.05, changes.changed).start()
+            started = time.monotonic()
+            woken = await listener.wait(5.0)
+            return quiet, woken, time.monotonic() - started
+
+    quiet, woken, waited = asyncio.run(scenario())
+    assert (quiet, woken) == (False, True) and waited < 2.0
+    changes.changed()  # no listener left: nothing to wake, no error

@@ -105,18 +105,23 @@ def test_kill_9_worker_at_random_points(stack_name, n_workers, make_stack, tmp_p
 
         kills = 0
         for round_ in range(2):  # then kills at random points while ordinary batches are running
-            # fresh, longer jobs each round: with two workers the first ones may all be done by now
-            jobs += [client.post("/v1/jobs", json={"prompt": f"square {round_}.{i}", "width": 64, "height": 64,
-                                                   "steps": rng.randint(20, 40), "batch_size": rng.randint(1, 3),
-                                                   "seed": 100 + 10 * round_ + i}).json() for i in range(3)]
-            wait_until(lambda: running())
-            time.sleep(rng.uniform(0.0, 0.5))
-            victims = [w for w in map(holder, running()) if w is not None]
-            if victims:
-                kill(rng.choice(victims))
-                kills += 1
-                start_worker()
-        assert kills >= 1
+            # fresh, longer jobs each try: a fast machine may finish a batch between two looks, so a
+            # round submits again until it finds a running job to kill (at most five tries)
+            for try_ in range(5):
+                jobs += [client.post("/v1/jobs", json={"prompt": f"square {round_}.{try_}.{i}", "width": 64,
+                                                       "height": 64, "steps": rng.randint(40, 80),
+                                                       "batch_size": rng.randint(1, 3),
+                                                       "seed": 100 + 50 * round_ + 10 * try_ + i}).json()
+                         for i in range(3)]
+                wait_until(lambda: running() or all(status(j["id"])[0] in ("succeeded", "failed") for j in jobs))
+                time.sleep(rng.uniform(0.0, 0.3))
+                victims = [w for w in map(holder, running()) if w is not None]
+                if victims:
+                    kill(rng.choice(victims))
+                    kills += 1
+                    start_worker()
+                    break
+        assert kills >= 1, "no running batch to kill in five tries"
         ids = [poison["id"]] + [j["id"] for j in jobs]
         wait_until(lambda: all(status(i)[0] in ("succeeded", "failed") for i in ids), timeout=300, every=0.2)
     finally:

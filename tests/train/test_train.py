@@ -294,3 +294,52 @@ def test_object_cells_and_the_object_weighted_loss(shards, tmp_path):
     (tmp_path / "latents" / "objects.pt").unlink()
     with pytest.raises(FileNotFoundError, match="objects-only"):
         train_diffusion(replace(TINY_UNET, object_weight=6.0), tmp_path / "latents", tmp_path / "missing")
+
+
+def test_edit_pairs_noise_the_recoloured_twin_toward_the_captioned_image(shards, tmp_path):
+    """edits.pt holds each scene on another background (none of its colours), encoded; training
+    with --edit-fraction noises that twin where the caption names the background, t is in range and
+    the caption was not dropped, and its target leads back to the captioned latent."""
+    from malerei.train.diffusion import edit_samples, prepare_edit_latents
+    from malerei.world.read import read_image
+    from malerei.world.shards import read_shard_scenes, recoloured_backgrounds
+
+    images, captions = read_shards(shards)
+    scenes = read_shard_scenes(shards, 20)
+    assert [s.caption for s in scenes] == captions[:20]
+    twins, named = recoloured_backgrounds(scenes, 64, seed=0)
+    for scene, twin, is_named in zip(scenes, twins, named):
+        background = read_image(twin).background
+        assert background != scene.background and background not in {o.colour for o in scene.objects}
+        assert is_named == ("background" not in scene.drop)
+
+    train_vae(TINY_VAE, images, tmp_path / "vae")
+    prepare_latents(shards, tmp_path / "vae", tmp_path / "latents")
+    with pytest.raises(FileNotFoundError, match="--edits"):
+        train_diffusion(replace(TINY_UNET, edit_fraction=0.5), tmp_path / "latents", tmp_path / "missing")
+    prepare_edit_latents(shards, tmp_path / "vae", tmp_path / "latents", 20)
+    edits = torch.load(tmp_path / "latents" / "edits.pt", weights_only=True)
+    latents = torch.load(tmp_path / "latents" / "latents.pt", weights_only=True)
+    assert edits["latents"].shape == (20, *latents.shape[1:]) and edits["named"].tolist() == named.tolist()
+    assert not torch.allclose(edits["latents"], latents[:20])
+
+    config = replace(TINY_UNET, edit_fraction=1.0, edit_t_range=(200, 800))
+    idx = torch.arange(24)
+    t = torch.full((24,), 500)
+    captioned = torch.ones(24, dtype=torch.bool)
+    use = edit_samples(config, edits, idx, t, captioned, torch.Generator().manual_seed(0))
+    assert use.tolist() == [i < 20 and bool(named[i]) for i in range(24)]  # past edits.pt: never
+    assert not edit_samples(config, edits, idx, torch.full((24,), 900), captioned, torch.Generator()).any()
+    assert not edit_samples(config, edits, idx, t, ~captioned, torch.Generator()).any()
+    assert not edit_samples(replace(config, edit_fraction=0.0), edits, idx, t, captioned, torch.Generator()).any()
+
+    train_diffusion(TINY_UNET, tmp_path / "latents", tmp_path / "plain")
+    train_diffusion(replace(TINY_UNET, edit_fraction=1.0, edit_t_range=(0, 1000), caption_dropout=0.0),
+                    tmp_path / "latents", tmp_path / "edits")
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["unet"]
+    edited = load_checkpoint(tmp_path / "edits" / "checkpoint.pt")["unet"]
+    assert not _same(plain, edited)
+    # with no eligible sample the edit path is the plain one, weight for weight
+    train_diffusion(replace(TINY_UNET, edit_fraction=1.0, edit_t_range=(0, 1)), tmp_path / "latents",
+                    tmp_path / "none")
+    assert _same(plain, load_checkpoint(tmp_path / "none" / "checkpoint.pt")["unet"])

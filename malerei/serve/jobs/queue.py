@@ -51,7 +51,8 @@ class JobQueue(Protocol):
     def notify(self, job: Job | None = None) -> None: ...
     def wait(self, timeout: float) -> None: ...
     def depth(self) -> int: ...
-    def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float) -> list[Job]: ...
+    def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float,
+              since: float = 0.0) -> list[Job]: ...
     def extend(self, worker_id: str, job_ids: Sequence[str], lease_s: float) -> set[str]: ...
     def cancel_requested(self, job_ids: Sequence[str]) -> set[str]: ...
     def report_progress(self, worker_id: str, job_ids: Sequence[str], step: int, total: int,
@@ -93,6 +94,20 @@ def settle_dead(session: Session, job: Job, *, max_attempts: int) -> None:
         job.lease_owner = None
         job.lease_expires_at = None
         job.progress_step = 0
+
+
+def wait_for_company(count: Callable[[], int], *, oldest: float, since: float, window_s: float, max_jobs: int) -> None:
+    """Before a claim: while fewer than ``max_jobs`` compatible jobs are queued, wait until
+    ``window_s`` after the later of the oldest one's submission and ``since`` (when the claiming
+    worker finished its last batch). Measuring from ``since`` too is what keeps batches whole
+    under steady load: the clients of the batch just finished submit again a few tens of
+    milliseconds later, while the other clients' jobs are already old, and without it the
+    worker would take those alone and the two groups would alternate in half-size batches."""
+    if window_s <= 0 or max_jobs <= 1:
+        return
+    deadline = max(oldest, since) + window_s
+    while time.time() < deadline and count() < max_jobs:
+        time.sleep(min(0.01, max(deadline - time.time(), 0.0)))
 
 
 def mark_running(session: Session, job_ids: Sequence[str], worker_id: str, lease_expires_at: float | None) -> list[Job]:
@@ -142,19 +157,21 @@ class SqlJobQueue:
                 settle_dead(s, job, max_attempts=self.max_attempts)
             return len(dead)
 
-    def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float = 0.0) -> list[Job]:
+    def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float = 0.0,
+              since: float = 0.0) -> list[Job]:
         self.reap()
         with self.db.read() as s:
             head = s.execute(select(Job.batch_key, Job.created_at).where(Job.status == "queued")
                              .order_by(Job.created_at, Job.id).limit(1)).first()
-            if head is None:
-                return []
-            if window_s > 0 and max_jobs > 1:
-                same = s.scalar(select(func.count()).select_from(Job)
+        if head is None:
+            return []
+
+        def same() -> int:
+            with self.db.read() as s:
+                return s.scalar(select(func.count()).select_from(Job)
                                 .where(Job.status == "queued", Job.batch_key == head.batch_key)) or 0
-                wait = head.created_at + window_s - time.time()
-                if same < max_jobs and wait > 0:
-                    time.sleep(min(wait, window_s))
+
+        wait_for_company(same, oldest=head.created_at, since=since, window_s=window_s, max_jobs=max_jobs)
         now = time.time()
         with self.db.write() as s:
             # FOR UPDATE SKIP LOCKED lets PostgreSQL workers claim side by side (SQLite ignores it:

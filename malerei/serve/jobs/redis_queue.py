@@ -41,7 +41,7 @@ from sqlalchemy import select
 
 from malerei.serve.db.models import Job
 from malerei.serve.db.session import Database
-from malerei.serve.jobs.queue import ACTIVE, SqlJobQueue, StoredImage, mark_running, settle_dead
+from malerei.serve.jobs.queue import ACTIVE, SqlJobQueue, StoredImage, mark_running, settle_dead, wait_for_company
 
 log = logging.getLogger("malerei.serve.queue")
 
@@ -260,18 +260,16 @@ class RedisJobQueue(SqlJobQueue):
         except redis.RedisError:
             time.sleep(wait_s)
 
-    def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float = 0.0) -> list[Job]:
+    def claim(self, worker_id: str, *, max_jobs: int, lease_s: float, window_s: float = 0.0,
+              since: float = 0.0) -> list[Job]:
         self.reap()
         self.sweep()
         head = self.redis.zrange(self.k_ready, 0, 0, withscores=True)
         if not head:
             return []
         key, oldest = head[0]
-        if window_s > 0 and max_jobs > 1:
-            same = self.redis.zcard(self._q(key))
-            wait = oldest + window_s - time.time()
-            if same < max_jobs and wait > 0:
-                time.sleep(min(wait, window_s))
+        wait_for_company(lambda: self.redis.zcard(self._q(key)), oldest=oldest, since=since, window_s=window_s,
+                         max_jobs=max_jobs)
         ids = self._claim(keys=[self.k_ready, self.k_leases, self.k_owner],
                           args=[self.prefix, worker_id, max_jobs, int(lease_s * 1000), key])
         if not ids:

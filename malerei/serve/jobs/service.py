@@ -228,7 +228,8 @@ def cancel(services: Services, job_id: str) -> Job:
             job.cancel_requested = True
         session.flush()
         session.expunge(job)
-        return job
+    services.changes.changed()  # its event streams hear of it now (committed above)
+    return job
 
 
 # ----------------------------------------------------------------------------- views

@@ -73,6 +73,7 @@ class Worker:
         self.webhooks = WebhookSender(services)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_batch_end = 0.0  # the batch window counts from here too (queue.wait_for_company)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -116,12 +117,13 @@ class Worker:
     def run_once(self) -> bool:
         s = self.services.settings
         jobs = self.services.queue.claim(self.worker_id, max_jobs=s.batch_max, lease_s=s.lease_s,
-                                         window_s=s.batch_window_s)
+                                         window_s=s.batch_window_s, since=self._last_batch_end)
         if not jobs:
             return False
         log.info("running %d job(s): %s", len(jobs), ", ".join(j.id for j in jobs))
         with _Heartbeat(self.services, self.worker_id, [j.id for j in jobs]):
             self._run(jobs)
+        self._last_batch_end = time.time()
         return True
 
     def _requests(self, jobs: Sequence[Job]) -> list[EngineRequest]:
@@ -155,6 +157,7 @@ class Worker:
             if want_preview:
                 last_preview = now
             queue.report_progress(self.worker_id, ids, step, total, _preview_png(preview) if want_preview else None)
+            self.services.changes.changed()
 
         def is_cancelled() -> bool:
             return bool(queue.cancel_requested(ids))
@@ -169,6 +172,7 @@ class Worker:
                     queue.cancel_running(self.worker_id, job_id)
                 else:
                     queue.release(self.worker_id, job_id)
+            self.services.changes.changed()
             return
         except MalereiError as exc:
             results = [EngineResult(job_id=i, error_code="invalid_parameter", error_message=str(exc)) for i in ids]
@@ -181,6 +185,7 @@ class Worker:
             result = by_id.get(job_id) or EngineResult(job_id=job_id, error_code="engine_error",
                                                        error_message="the engine returned no result for this job")
             self._store(result)
+            self.services.changes.changed()  # each client hears at once, so it can submit again soon
 
     def _store(self, result: EngineResult) -> None:
         queue = self.services.queue

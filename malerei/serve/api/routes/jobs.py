@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -87,9 +87,18 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
                                   .where(Job.id == job.id)).one()
             return row.status, row.progress_step, row.progress_total, row.preview_png
 
+    # With a worker in this process a change wakes the stream at once (JobChanges); workers
+    # elsewhere are seen by polling.
+    poll_s = 1.0 if services.settings.in_process_worker else 0.1
+
     async def stream() -> AsyncIterator[str]:
+        with services.changes.listen() as changes:
+            async for event in events(changes):
+                yield event
+
+    async def events(changes) -> AsyncIterator[str]:
         last: tuple[Any, ...] = (None, -1, None)
-        ticks = 0
+        started = time.monotonic()
         while True:
             status, step, total, preview = await run_in_threadpool(snapshot)
             if status != last[0]:
@@ -105,10 +114,10 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
                 return
             if await request.is_disconnected():
                 return
-            ticks += 1
-            if ticks % 100 == 0:
+            if time.monotonic() - started >= 10:
+                started = time.monotonic()
                 yield ": keep-alive\n\n"
-            await asyncio.sleep(0.1)
+            await changes.wait(poll_s)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
