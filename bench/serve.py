@@ -45,6 +45,8 @@ def start_server(data_dir: Path, args: argparse.Namespace, cores: str) -> tuple[
     port = free_port()
     cmd = [sys.executable, "-c", LAUNCH, "serve", "--port", str(port), "--data-dir", str(data_dir),
            "--set", "rate_limit_per_minute=0", "--set", f"batch_max={args.batch_max}"]
+    if args.dtype:
+        cmd += ["--set", f"dtype={args.dtype}"]
     if args.models_dir:
         cmd += ["--models-dir", str(args.models_dir)]
     if args.model:
@@ -162,6 +164,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads; 1 avoids oversubscribing 2 cores shared with the API threads")
     parser.add_argument("--batch-max", type=int, default=8)
+    parser.add_argument("--dtype", default=None, help="the worker's precision (fp32, bf16; default: the engine's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 

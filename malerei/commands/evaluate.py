@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the small prompt set used during training and in CI")
     p.add_argument("--renders", action="store_true", help="score the renderer's own images (the reader's ceiling)")
     p.add_argument("--device")
+    p.add_argument("--dtype", help="auto, fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on cpu)")
     p.add_argument("--out", type=Path, required=True, help="directory for report.json and contact_sheet.png")
     p.set_defaults(func=run)
 
@@ -66,7 +67,7 @@ def model_generate_fn(args: argparse.Namespace):
     from malerei.engine.loading import load_model
     from malerei.engine.pipeline import GenerationParams
 
-    model = load_model(args.model, models_dir=args.models_dir, device=args.device)
+    model = load_model(args.model, models_dir=args.models_dir, device=args.device, dtype=args.dtype)
 
     def generate(captions: list[str], seeds: list[int]) -> list[np.ndarray]:
         params = [

@@ -148,4 +148,5 @@ def make_engine(settings: Settings) -> Engine:
     from malerei.serve.catalog import ModelCatalog
     from malerei.serve.jobs.engine import RealEngine
 
-    return RealEngine(catalog=ModelCatalog(settings.resolved_models_dir, default=settings.default_model))
+    return RealEngine(catalog=ModelCatalog(settings.resolved_models_dir, default=settings.default_model),
+                      device=settings.device, dtype=settings.dtype)

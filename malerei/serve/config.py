@@ -47,6 +47,11 @@ class Settings:
     redis_prefix: str = "malerei:"         # Redis key prefix: several deployments can share one Redis
     # Run a worker thread inside the server process (a separate `malerei worker` may run too).
     in_process_worker: bool = True
+    # Where and in what precision the worker runs models (None: the engine's choice, fp16 on GPUs
+    # and fp32 on CPUs). `--set dtype=bf16` on a CPU with native bf16 (AVX512-BF16, AMX) makes
+    # batches much cheaper (bench/serve.py --dtype bf16).
+    device: str | None = None
+    dtype: str | None = None
 
     # --- limits (bad input answers 4xx, never a crash) ---
     max_width: int = 2048
@@ -87,6 +92,12 @@ class Settings:
         self.data_dir = Path(self.data_dir)
         if self.models_dir is not None:
             self.models_dir = Path(self.models_dir)
+        from malerei.engine.devices import DEVICE_NAMES, DTYPE_NAMES
+
+        if self.dtype is not None and self.dtype.lower() not in ("auto", *DTYPE_NAMES):
+            raise ConfigError(f"dtype {self.dtype!r}: expected one of auto, {', '.join(DTYPE_NAMES)}")
+        if self.device is not None and self.device.split(":")[0].lower() not in DEVICE_NAMES:
+            raise ConfigError(f"device {self.device!r}: expected one of {', '.join(DEVICE_NAMES)} (cuda:N too)")
 
     # ----------------------------------------------------------------- derived paths
     @property

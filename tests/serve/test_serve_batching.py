@@ -136,3 +136,26 @@ def test_job_changes_wake_a_listening_stream_from_another_thread():
     quiet, woken, waited = asyncio.run(scenario())
     assert (quiet, woken) == (False, True) and waited < 2.0
     changes.changed()  # no listener left: nothing to wake, no error
+
+
+def test_the_worker_runs_models_in_the_configured_precision(tmp_path, tiny_models_dir):
+    """`--set dtype=bf16` reaches the engine: the worker's model is loaded in bf16 and a batch of
+    jobs still gives each its image; an unknown precision is refused when the server starts."""
+    import pytest
+    import torch
+
+    from malerei.serve.app import make_engine
+    from malerei.serve.config import ConfigError, parse_overrides
+    from malerei.serve.jobs.engine import EngineRequest
+
+    settings = Settings(data_dir=tmp_path, models_dir=tiny_models_dir, **parse_overrides(["dtype=bf16"]))
+    engine = make_engine(settings)
+    params = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "sampler": "Euler",
+              "scheduler": "Automatic", "seed": 1}
+    requests = [EngineRequest(job_id=f"job_{i}", kind="txt2img", model="tiny-sd1", params={**params, "seed": i},
+                              images={}) for i in range(2)]
+    results = engine.run_batch(requests, lambda *a: None, lambda: False)
+    assert [len(r.images) for r in results] == [1, 1] and all(r.ok for r in results)
+    assert engine._model("tiny-sd1").pipe.unet.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp8"):
+        Settings(data_dir=tmp_path, **parse_overrides(["dtype=fp8"]))

@@ -129,3 +129,23 @@ def test_shards_round_trip(tmp_path):
     assert images.shape == (25, 64, 64, 3) and len(captions) == 25
     again, again_captions = render_shard(0, 10, 7, spec)
     assert np.array_equal(images[:10], again) and captions[:10] == again_captions
+
+
+def test_shard_scenes_are_re_derived_from_meta_and_checked(tmp_path):
+    """read_shard_scenes gives the scenes behind a shard directory's images (same captions), and
+    refuses a directory whose meta.json no longer matches what was rendered."""
+    import json
+
+    from malerei.world.render import render
+    from malerei.world.shards import read_shard_scenes, read_shards, write_shards
+
+    write_shards(tmp_path, n=10, seed=5, shard_size=6)
+    images, captions = read_shards(tmp_path)
+    scenes = read_shard_scenes(tmp_path, 10)
+    assert [s.caption for s in scenes] == captions
+    assert all((render(s, 64) == image).all() for s, image in zip(scenes, images))
+    assert len(read_shard_scenes(tmp_path, 4)) == 4
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "seed": 6}))
+    with pytest.raises(ValueError, match="does not match"):
+        read_shard_scenes(tmp_path, 10)
