@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from malerei.train.diffusion import DiffusionConfig, periodic_evaluator, prepare_latents, train_diffusion
+from malerei.train.diffusion import (
+    DiffusionConfig,
+    periodic_evaluator,
+    prepare_edit_latents,
+    prepare_latents,
+    train_diffusion,
+)
 from malerei.train.vae import VAEConfig, evaluate_vae, load_trained_vae, train_vae
 
 
@@ -36,7 +42,10 @@ class RecipeConfig:
     eval_set: tuple[int, int, int] = (60, 20, 40)  # periodic evaluation: seen, held-out, two-object prompts
     device: str = "auto"
     vae: VAEConfig = field(default_factory=VAEConfig)
-    unet: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # What v2 and v3 of the shipped model added, from the start here: extra loss on the latent
+    # cells that hold objects, and edit pairs (img2img follows a changed prompt).
+    unet: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(object_weight=2.0, edit_fraction=0.5))
+    edit_scenes: int = 60_000  # scenes rendered again on another background for the edit pairs
 
 
 def _sized_steps(probe: Callable[[Path, int], None], scratch: Path, minutes: float, probe_steps: int = 8) -> int:
@@ -96,8 +105,11 @@ def run_recipe(config: RecipeConfig, *, log: Callable[[str], None] = print,
     stamp = (vae_run / "checkpoint.pt").stat().st_mtime
     if not (lat / "latents.pt").exists() or json.loads((lat / "scale.json").read_text()).get("vae_mtime") != stamp:
         prepare_latents(runs / "data", vae_run, lat)
+        (lat / "edits.pt").unlink(missing_ok=True)  # encoded by the old VAE
         scale = json.loads((lat / "scale.json").read_text())
         (lat / "scale.json").write_text(json.dumps({**scale, "vae_mtime": stamp}))
+    if config.unet.edit_fraction > 0 and not (lat / "edits.pt").exists():
+        prepare_edit_latents(runs / "data", vae_run, lat, min(config.edit_scenes, config.n_images))
     log("latents: ready")
 
     # 4. Text encoder + UNet

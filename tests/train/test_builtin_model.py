@@ -72,3 +72,33 @@ def test_adherence_floor_on_the_quick_prompt_set():
     for group, floors in FLOORS.items():
         for attribute, floor in floors.items():
             assert summary[group][attribute] >= floor, (group, attribute, summary[group][attribute], floor)
+
+
+def test_img2img_follows_a_new_background_in_the_prompt():
+    """The built-in model is trained on edit pairs: at strength 0.5 a prompt naming another
+    background recolours it and keeps the object (the full figure is bench/change_images.py's)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from malerei.engine import img2img
+    from malerei.engine.loading import load_model
+    from malerei.engine.pipeline import GenerationParams
+    from malerei.world.eval_set import small_eval_cases
+    from malerei.world.read import read_image
+    from malerei.world.render import render
+    from malerei.world.vocab import COLOURS
+
+    model = load_model(None, device="cpu")
+    cases = [c for c in small_eval_cases() if len(c.scene.objects) == 1][:12]
+    new_background = kept_colour = 0
+    for i, case in enumerate(cases):
+        obj = case.scene.objects[0]
+        others = [c for c in COLOURS if c not in (obj.colour, case.scene.background)]
+        target = replace(case.scene, background=others[i % len(others)])
+        params = GenerationParams(prompt=target.caption, seed=case.seed)
+        [result] = img2img.img2img(model, params, Image.fromarray(render(case.scene, 64)), strength=0.5)
+        reading = read_image(np.asarray(result.image))
+        new_background += reading.background == target.background
+        kept_colour += bool(reading.objects) and reading.objects[0].colour == obj.colour
+    assert new_background >= 10 and kept_colour >= 10, (new_background, kept_colour)

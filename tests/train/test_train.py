@@ -149,10 +149,13 @@ def test_recipe_runs_from_nothing_to_a_stock_pipeline_folder(tmp_path):
 
     config = RecipeConfig(runs=tmp_path / "runs", out=tmp_path / "model", n_images=24, vae_minutes=0.01,
                           unet_minutes=0.01, decoder_minutes=0.01, device="cpu", eval_set=(2, 1, 1),
-                          vae=replace(TINY_VAE, steps=10**6), unet=replace(TINY_UNET, steps=10**6))
+                          vae=replace(TINY_VAE, steps=10**6),
+                          unet=replace(TINY_UNET, steps=10**6, object_weight=2.0, edit_fraction=0.5))
     lines = []
     run_recipe(config, log=lines.append)
     runs = tmp_path / "runs"
+    edits = torch.load(runs / "latents" / "edits.pt", weights_only=True)  # the edit pairs, all 24 scenes
+    assert len(edits["named"]) == 24 and (runs / "latents" / "objects.pt").exists()
     for run in ("vae", "unet", "decoder"):
         assert (runs / run / "checkpoint.pt").exists() and (runs / run / "config.json").exists(), run
     assert json.loads((runs / "decoder" / "config.json").read_text())["decoder_from"] == str(runs / "vae")
