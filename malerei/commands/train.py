@@ -102,9 +102,6 @@ def _config(cls, run: Path, args: argparse.Namespace, names: dict[str, str]):
     """A run's config: the saved one when resuming, else defaults; CLI flags override either."""
     saved = run / "config.json"
     values = json.loads(saved.read_text()) if saved.exists() else {}
-    for key in ("block_out_channels", "attention_levels", "edit_t_range"):
-        if key in values:
-            values[key] = tuple(values[key])
     for flag, field in names.items():
         if getattr(args, flag, None) is not None:
             values[field] = getattr(args, flag)

@@ -92,6 +92,12 @@ class DiffusionConfig:
     init_from: str = ""
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A config read back from config.json has lists where the fields hold tuples.
+        for name in ("block_out_channels", "attention_levels", "attention_heads", "edit_t_range"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+
 
 def scheduler_config(config: DiffusionConfig) -> dict:
     """The noise schedule the model is trained with; also the shipped scheduler's config."""

@@ -29,12 +29,7 @@ def build_pipeline(vae_run: Path, latents_dir: Path, diffusion_run: Path, *, use
     from malerei.train.diffusion import DiffusionConfig, build_text_encoder, build_unet
     from malerei.train.vae import load_trained_vae
 
-    raw = json.loads((diffusion_run / "config.json").read_text())
-    raw["block_out_channels"] = tuple(raw["block_out_channels"])
-    raw["attention_levels"] = tuple(raw.get("attention_levels", ()))
-    if "edit_t_range" in raw:
-        raw["edit_t_range"] = tuple(raw["edit_t_range"])
-    config = DiffusionConfig(**raw)
+    config = DiffusionConfig(**json.loads((diffusion_run / "config.json").read_text()))
     tokenizer = CLIPTokenizer.from_pretrained(str(diffusion_run / "tokenizer"), local_files_only=True)
     state = load_checkpoint(diffusion_run / "checkpoint.pt")
     text_encoder = build_text_encoder(

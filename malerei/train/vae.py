@@ -59,6 +59,10 @@ class VAEConfig:
     device: str = "auto"
     time_limit_minutes: float = 0.0  # >0: checkpoint and stop after this long (runs in pieces)
 
+    def __post_init__(self) -> None:
+        # A config read back from config.json has a list here.
+        self.block_out_channels = tuple(self.block_out_channels)
+
 
 def build_vae(config: VAEConfig):
     from diffusers import AutoencoderKL
@@ -205,9 +209,7 @@ def vae_config_of(path: Path) -> VAEConfig:
     import json
 
     if _is_run(path):
-        raw = json.loads((path / "config.json").read_text())
-        raw["block_out_channels"] = tuple(raw["block_out_channels"])
-        return VAEConfig(**raw)
+        return VAEConfig(**json.loads((path / "config.json").read_text()))
     cfg = json.loads((_vae_folder(path) / "config.json").read_text())
     return VAEConfig(
         block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
