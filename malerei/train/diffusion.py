@@ -62,6 +62,11 @@ class DiffusionConfig:
     # blob ~2, so under a plain mean its shape is a sliver of the loss: v1 drew every small shape
     # as a blob (small squares 21 %, small triangles 0 %) while colour, size and position were right.
     object_weight: float = 0.0
+    # ...and at least this share of each sample's (weighted) loss on its object cells, whatever
+    # the object's size (0: off). With a fixed weight a small object still carries ~10 % of its
+    # sample's loss against ~35 % for a large one, and v3's misread shapes are nearly all small
+    # (small squares 47 %, small circles 65 %, large circles and triangles 100 %).
+    object_share: float = 0.0
     # Edit pairs (img2img's case): this share of the samples that may take one (t in edit_t_range,
     # a caption that names its background, not dropped) is noised from the same scene on another
     # background (edits.pt) while the target stays the captioned image. Plain training never shows
@@ -255,6 +260,17 @@ def _alphas_cumprod(config: DiffusionConfig) -> torch.Tensor:
     return DDPMScheduler.from_config(scheduler_config(config)).alphas_cumprod.float()
 
 
+def object_loss_weight(cells: torch.Tensor, config: DiffusionConfig) -> torch.Tensor:
+    """Per-cell loss weights (n, h, w) from the object cells (n, h, w: 1 where an object is)."""
+    per_object = torch.full((len(cells),), 1.0 + config.object_weight, device=cells.device)
+    if config.object_share > 0:
+        n_obj = cells.flatten(1).sum(1)
+        n_bg = cells[0].numel() - n_obj
+        ratio = config.object_share / (1 - config.object_share)
+        per_object = torch.maximum(per_object, ratio * n_bg / n_obj.clamp(min=1))
+    return 1.0 + (per_object[:, None, None] - 1.0) * cells
+
+
 def sample_timesteps(config: DiffusionConfig, step: int, n: int, g: torch.Generator) -> torch.Tensor:
     """Training timesteps: uniform, with `high_noise_fraction` of them redrawn from the layout range."""
     t = torch.randint(0, 1000, (n,), generator=g)
@@ -304,7 +320,7 @@ def train_diffusion(
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     objects = None
-    if config.object_weight > 0:
+    if config.object_weight > 0 or config.object_share > 0:
         if not (latents_dir / "objects.pt").exists():
             raise FileNotFoundError(f"{latents_dir / 'objects.pt'} is missing: `malerei train latents --objects-only` writes it")
         objects = torch.load(latents_dir / "objects.pt", weights_only=True)
@@ -376,7 +392,7 @@ def train_diffusion(
         if objects is None:
             loss = F.mse_loss(pred.float(), target)
         else:
-            weight = 1.0 + config.object_weight * objects[idx].to(device, torch.float32)[:, None]
+            weight = object_loss_weight(objects[idx].to(device, torch.float32), config)[:, None]
             loss = (weight * (pred.float() - target) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -421,12 +437,12 @@ def train_diffusion(
 
 def periodic_evaluator(config: DiffusionConfig, vae_run: Path, latents_dir: Path, run_dir: Path, *, cases=None):
     """An `evaluate` callback for train_diffusion: the EMA weights, as the stock diffusers pipeline
-    they will be shipped as, scored by the evaluator on a fixed prompt set; one row per call in
+    they will be shipped as (with its default steps, CFG and guidance rescale), scored by the evaluator on a fixed prompt set; one row per call in
     run_dir/eval.csv (step, training minutes, adherence and attributes per group)."""
     import csv
 
     from malerei.train.evaluate import diffusers_generate_fn, run_eval
-    from malerei.train.export import assemble_pipeline
+    from malerei.train.export import MODEL_DEFAULTS, assemble_pipeline
     from malerei.train.vae import load_trained_vae
     from malerei.world.eval_set import eval_cases
 
@@ -444,7 +460,10 @@ def periodic_evaluator(config: DiffusionConfig, vae_run: Path, latents_dir: Path
         ema_text.copy_to(text_encoder)
         pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, config, scale)
         pipe.set_progress_bar_config(disable=True)
-        report, _ = run_eval(diffusers_generate_fn(pipe), cases, batch_size=40)
+        # at the defaults the model ships with, so the curve measures what users get
+        generate = diffusers_generate_fn(pipe, steps=MODEL_DEFAULTS["steps"], cfg=MODEL_DEFAULTS["cfg_scale"],
+                                         guidance_rescale=MODEL_DEFAULTS["guidance_rescale"])
+        report, _ = run_eval(generate, cases, batch_size=40)
         row = {"step": step, "minutes": round(minutes, 2)}
         for group, values in report["summary"].items():
             row.update({f"{group}_{k}": round(v, 4) for k, v in values.items() if k != "n"})

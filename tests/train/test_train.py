@@ -299,6 +299,24 @@ def test_object_cells_and_the_object_weighted_loss(shards, tmp_path):
         train_diffusion(replace(TINY_UNET, object_weight=6.0), tmp_path / "latents", tmp_path / "missing")
 
 
+def test_object_share_gives_small_objects_the_same_share_of_the_loss_as_large_ones():
+    from malerei.train.diffusion import object_loss_weight
+
+    cells = torch.zeros(3, 16, 16)
+    cells[0, 2:5, 2:5] = 1  # a small object: 9 cells
+    cells[1, 2:8, 2:8] = 1  # a large one: 36 cells
+    # cells[2]: no object (a caption whose object the renderer clipped): plain weights
+    fixed = object_loss_weight(cells, DiffusionConfig(object_weight=2.0))
+    assert fixed[0, 3, 3] == fixed[1, 3, 3] == 3.0 and fixed[0, 10, 10] == 1.0 and (fixed[2] == 1).all()
+
+    weights = object_loss_weight(cells, DiffusionConfig(object_weight=2.0, object_share=0.4))
+    shares = [(w * c).sum() / w.sum() for w, c in zip(weights, cells)]
+    assert shares[0] == pytest.approx(0.4) and shares[1] == pytest.approx(0.4)
+    assert (weights[2] == 1).all()
+    # the fixed weight stays a floor: a share below what it already gives changes nothing
+    assert torch.equal(object_loss_weight(cells, DiffusionConfig(object_weight=2.0, object_share=0.01)), fixed)
+
+
 def test_edit_pairs_noise_the_recoloured_twin_toward_the_captioned_image(shards, tmp_path):
     """edits.pt holds each scene on another background (none of its colours), encoded; training
     with --edit-fraction noises that twin where the caption names the background, t is in range and
