@@ -158,7 +158,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=6, help="jobs per client per level")
+    parser.add_argument("--requests", type=int, default=12,
+                        help="jobs per client per level (enough that steady state outweighs the ramp-up and tail)")
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--cores", default="0,1", help="CPU cores for the server (taskset); '' for all")
     parser.add_argument("--threads", type=int, default=1,

@@ -117,6 +117,31 @@ def test_the_batch_window_also_counts_from_the_workers_last_batch(tmp_path):
     assert time.monotonic() - started < 1.0
 
 
+def test_the_batch_window_waits_on_while_company_keeps_arriving():
+    """Jobs that arrive one after another, each within a window of the last, all join one batch
+    even when the last comes after the first window has passed; the wait stops at four windows."""
+    from malerei.serve.jobs.queue import COMPANY_WAIT_WINDOWS, wait_for_company
+
+    arrivals: list[float] = []
+    start = time.time()
+
+    def count() -> int:  # one job queued at start, one more every 0.2 s
+        return 1 + int((time.time() - start) / 0.2)
+
+    wait_for_company(lambda: arrivals.append(count()) or arrivals[-1], oldest=start, since=0.0, window_s=0.3,
+                     max_jobs=4)
+    waited = time.time() - start
+    assert arrivals[-1] == 4 and 0.55 < waited < 0.9  # the fourth came at 0.6 s, after the first window
+
+    start = time.time()
+    wait_for_company(count, oldest=start, since=0.0, window_s=0.3, max_jobs=100)  # company never stops coming
+    assert COMPANY_WAIT_WINDOWS * 0.3 - 0.05 < time.time() - start < COMPANY_WAIT_WINDOWS * 0.3 + 0.3
+
+    start = time.time()
+    wait_for_company(lambda: 1, oldest=start, since=0.0, window_s=0.3, max_jobs=4)  # nobody comes: one window
+    assert 0.25 < time.time() - start < 0.45
+
+
 def test_job_changes_wake_a_listening_stream_from_another_thread():
     import asyncio
     import threading

@@ -4,7 +4,8 @@ Jobs of the same kind, model, size, sampler, schedule and step count follow the 
 schedule on latents of the same shape, so their latents can be stacked into one batch; prompts,
 seeds and guidance scales may differ. The worker claims the oldest queued job and then every
 queued job with the same key, up to ``batch_max``; when the queue is short it waits
-``batch_window_s`` for company first, so concurrent users share calls.
+``batch_window_s`` for company first (longer while company keeps arriving, up to four windows),
+so concurrent users share calls.
 """
 
 from __future__ import annotations

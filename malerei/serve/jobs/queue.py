@@ -96,18 +96,29 @@ def settle_dead(session: Session, job: Job, *, max_attempts: int) -> None:
         job.progress_step = 0
 
 
+COMPANY_WAIT_WINDOWS = 4
+
+
 def wait_for_company(count: Callable[[], int], *, oldest: float, since: float, window_s: float, max_jobs: int) -> None:
     """Before a claim: while fewer than ``max_jobs`` compatible jobs are queued, wait until
     ``window_s`` after the later of the oldest one's submission and ``since`` (when the claiming
     worker finished its last batch). Measuring from ``since`` too is what keeps batches whole
     under steady load: the clients of the batch just finished submit again a few tens of
     milliseconds later, while the other clients' jobs are already old, and without it the
-    worker would take those alone and the two groups would alternate in half-size batches."""
+    worker would take those alone and the two groups would alternate in half-size batches.
+    While company keeps arriving (each new job less than ``window_s`` after the last) the wait
+    goes on, up to ``COMPANY_WAIT_WINDOWS`` windows in all: eight clients' resubmissions, each a
+    database write, can take longer than one window on a busy machine."""
     if window_s <= 0 or max_jobs <= 1:
         return
-    deadline = max(oldest, since) + window_s
-    while time.time() < deadline and count() < max_jobs:
+    start = max(oldest, since)
+    deadline, cap = start + window_s, start + COMPANY_WAIT_WINDOWS * window_s
+    queued = count()
+    while time.time() < deadline and queued < max_jobs:
         time.sleep(min(0.01, max(deadline - time.time(), 0.0)))
+        if (now_queued := count()) > queued:
+            queued = now_queued
+            deadline = min(max(deadline, time.time() + window_s), cap)
 
 
 def mark_running(session: Session, job_ids: Sequence[str], worker_id: str, lease_expires_at: float | None) -> list[Job]:
