@@ -71,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--eval-every", type=int)
     u.add_argument("--high-noise-fraction", type=float, help="share of timesteps drawn from the layout range (default 0.5)")
     u.add_argument("--high-noise-from-step", type=int, help="uniform timesteps before this step (a curriculum)")
+    u.add_argument("--detail-fraction", type=float,
+                   help="share of the other timesteps drawn from the low-noise range (small shapes' outlines)")
     u.add_argument("--object-weight", type=float,
                    help="extra loss weight on latent cells that hold objects (0: a plain mean)")
     u.add_argument("--object-share", type=float,
@@ -229,7 +231,7 @@ def run_unet(args: argparse.Namespace) -> int:
         {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes",
          "eval_every": "eval_every", "high_noise_fraction": "high_noise_fraction",
          "high_noise_from_step": "high_noise_from_step", "object_weight": "object_weight",
-         "object_share": "object_share", "edit_fraction": "edit_fraction"},
+         "object_share": "object_share", "edit_fraction": "edit_fraction", "detail_fraction": "detail_fraction"},
     )
     from malerei.engine.errors import InvalidParameter
 
@@ -240,8 +242,10 @@ def run_unet(args: argparse.Namespace) -> int:
         config = replace(config, init_from=str(source))
 
     if (not 0.0 <= config.high_noise_fraction <= 1.0 or config.high_noise_from_step < 0 or config.object_weight < 0
-            or not 0.0 <= config.edit_fraction <= 1.0 or not 0.0 <= config.object_share < 1.0):
-        raise InvalidParameter("--high-noise-fraction and --edit-fraction must be within [0, 1], --object-share in [0, 1), "
+            or not 0.0 <= config.edit_fraction <= 1.0 or not 0.0 <= config.object_share < 1.0
+            or not 0.0 <= config.detail_fraction <= 1.0):
+        raise InvalidParameter("--high-noise-fraction, --detail-fraction and --edit-fraction must be within [0, 1], "
+                               "--object-share in [0, 1), "
                                "--high-noise-from-step and --object-weight not negative")
     evaluate = periodic_evaluator(config, args.vae, args.latents, args.run) if args.vae else None
     bar, on_step = _progress(config.steps, 0, "unet", ["loss", "samples_per_s"])

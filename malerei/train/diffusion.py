@@ -57,6 +57,11 @@ class DiffusionConfig:
     high_noise_fraction: float = 0.5
     high_noise_min_t: int = 850
     high_noise_from_step: int = 0  # a curriculum: uniform t before this step
+    # The other end: this share of the other timesteps is drawn from [0, detail_max_t), where a small shape's
+    # outline is drawn. img2img from true renders at strength 0.2 (only the last fifth of the
+    # schedule) already turned 26 % of v3's small circles square: its low-noise steps are imprecise.
+    detail_fraction: float = 0.0
+    detail_max_t: int = 300
     # Extra loss weight on latent cells that hold object pixels (by the evaluator's rule). A small
     # object covers ~9 of 256 latent cells and the cells that tell a triangle from a square or a
     # blob ~2, so under a plain mean its shape is a sliver of the loss: v1 drew every small shape
@@ -272,11 +277,16 @@ def object_loss_weight(cells: torch.Tensor, config: DiffusionConfig) -> torch.Te
 
 
 def sample_timesteps(config: DiffusionConfig, step: int, n: int, g: torch.Generator) -> torch.Tensor:
-    """Training timesteps: uniform, with `high_noise_fraction` of them redrawn from the layout range."""
+    """Training timesteps: uniform, with `high_noise_fraction` of them redrawn from the layout range
+    and `detail_fraction` of the rest from the low-noise range."""
     t = torch.randint(0, 1000, (n,), generator=g)
+    high = torch.zeros(n, dtype=torch.bool)
     if config.high_noise_fraction > 0 and step >= config.high_noise_from_step:
         high = torch.rand(n, generator=g) < config.high_noise_fraction
         t = torch.where(high, torch.randint(config.high_noise_min_t, 1000, (n,), generator=g), t)
+    if config.detail_fraction > 0:
+        low = ~high & (torch.rand(n, generator=g) < config.detail_fraction)
+        t = torch.where(low, torch.randint(0, config.detail_max_t, (n,), generator=g), t)
     return t
 
 

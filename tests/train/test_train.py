@@ -192,6 +192,12 @@ def test_timesteps_favour_the_layout_range_when_asked():
     assert 0.12 < (before >= 850).float().mean() < 0.18  # the curriculum starts at its step
     assert m.min() >= 0 and m.max() <= 999
     assert torch.equal(m, sample_timesteps(mixed, 20, 4000, step_generator(0, 20))), "a pure function of (seed, step)"
+    # the low-noise end: 40 % of the samples not redrawn for layout come from [0, 300)
+    both = replace(mixed, detail_fraction=0.4, detail_max_t=300)
+    b = sample_timesteps(both, 20, 4000, step_generator(0, 20))
+    assert 0.50 < (b >= 850).float().mean() < 0.65  # the layout share is untouched
+    assert 0.22 < (b < 300).float().mean() < 0.32  # 0.5 * (0.4 + 0.6 * 0.3) = 29 %, against 15 % in m
+    assert 0.12 < (m < 300).float().mean() < 0.18
 
 
 def test_reader_mask_loss_sees_what_the_reader_sees():
