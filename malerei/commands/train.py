@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--steps", type=int)
     u.add_argument("--batch-size", type=int)
     u.add_argument("--lr", type=float)
+    u.add_argument("--warmup", type=int, help="learning-rate warmup steps")
+    u.add_argument("--seed", type=int, help="seed of the batch order, noise and timesteps")
     u.add_argument("--device")
     u.add_argument("--minutes", type=float, help="stop (checkpointed) after this long; run again to resume")
     u.add_argument("--vae", type=Path, help="the VAE run: evaluate the EMA weights every --eval-every steps (eval.csv)")
@@ -228,7 +230,8 @@ def run_unet(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = _config(
         DiffusionConfig, args.run, args,
-        {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "device": "device", "minutes": "time_limit_minutes",
+        {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "seed": "seed", "device": "device",
+         "minutes": "time_limit_minutes",
          "eval_every": "eval_every", "high_noise_fraction": "high_noise_fraction",
          "high_noise_from_step": "high_noise_from_step", "object_weight": "object_weight",
          "object_share": "object_share", "edit_fraction": "edit_fraction", "detail_fraction": "detail_fraction"},

@@ -474,7 +474,7 @@ def periodic_evaluator(config: DiffusionConfig, vae_run: Path, latents_dir: Path
         generate = diffusers_generate_fn(pipe, steps=MODEL_DEFAULTS["steps"], cfg=MODEL_DEFAULTS["cfg_scale"],
                                          guidance_rescale=MODEL_DEFAULTS["guidance_rescale"])
         report, _ = run_eval(generate, cases, batch_size=40)
-        row = {"step": step, "minutes": round(minutes, 2)}
+        row = {"step": step, "minutes": round(minutes, 2), "cfg": MODEL_DEFAULTS["cfg_scale"]}
         for group, values in report["summary"].items():
             row.update({f"{group}_{k}": round(v, 4) for k, v in values.items() if k != "n"})
         new = not path.exists()

@@ -35,6 +35,15 @@ def growth_table(eval_csv: Path) -> str:
     return header + body
 
 
+def growth_cfg(eval_csv: Path) -> str:
+    """The CFG of the periodic evaluations: runs before v4 recorded none and used 5."""
+    import csv
+
+    rows = list(csv.DictReader(eval_csv.open())) if eval_csv.exists() else []
+    cfgs = sorted({r["cfg"] for r in rows if r.get("cfg")})
+    return f"CFG {', '.join(cfgs)}" if cfgs else "CFG 5"
+
+
 def floors_from(quick_report: dict, margin: float = 0.1) -> dict:
     """CI floors: a margin below what the shipped weights measured on the quick prompt set (a couple
     of images at its size), so float differences between machines pass and a broken model does not."""
@@ -78,7 +87,7 @@ sheet `{sheet_name}` shows the first 100 images with their captions.
 VAE round trip on the same renders: {json.dumps(vae_eval)}.
 
 Adherence against training time (the periodic evaluation during training: EMA weights, stock
-diffusers pipeline, 60 seen + 20 held-out + 40 two-object prompts, 20 steps, CFG 5):
+diffusers pipeline, 60 seen + 20 held-out + 40 two-object prompts, 20 steps, {growth_cfg(unet_run / "eval.csv")}):
 
 {growth_table(unet_run / "eval.csv")}
 

@@ -166,7 +166,7 @@ def test_recipe_runs_from_nothing_to_a_stock_pipeline_folder(tmp_path):
 
 
 def test_model_card_floors_and_growth_table(tmp_path):
-    from malerei.train.model_card import floors_from, growth_table
+    from malerei.train.model_card import floors_from, growth_cfg, growth_table
 
     report = {"summary": {"seen": {"adherence": 0.92, "colour": 0.05, "n": 24}, "two": {"objects": 0.5, "n": 16}}}
     assert floors_from(report) == {"seen": {"adherence": 0.82, "colour": 0.0}, "two": {"objects": 0.4}}
@@ -176,6 +176,9 @@ def test_model_card_floors_and_growth_table(tmp_path):
     table = growth_table(csv_path)
     assert table.splitlines()[2] == "| 1000 | 14 | 50% | 25% | 10% | 90% | 60% | 80% | 70% |"
     assert growth_table(tmp_path / "missing.csv").startswith("(no periodic")
+    assert growth_cfg(csv_path) == "CFG 5"  # runs before the cfg column evaluated at 5
+    (tmp_path / "new.csv").write_text("step,minutes,cfg,seen_adherence\n1000,14.0,2.5,0.5\n2000,28.0,2.5,0.6\n")
+    assert growth_cfg(tmp_path / "new.csv") == "CFG 2.5"
 
 
 def test_timesteps_favour_the_layout_range_when_asked():
