@@ -57,9 +57,10 @@ class DiffusionConfig:
     high_noise_fraction: float = 0.5
     high_noise_min_t: int = 850
     high_noise_from_step: int = 0  # a curriculum: uniform t before this step
-    # The other end: this share of the other timesteps is drawn from [0, detail_max_t), where a small shape's
-    # outline is drawn. img2img from true renders at strength 0.2 (only the last fifth of the
-    # schedule) already turned 26 % of v3's small circles square: its low-noise steps are imprecise.
+    # The other end: this share of the other timesteps is drawn from [0, detail_max_t), where a
+    # small shape's outline is drawn. img2img from true renders at strength 0.2 (only the last
+    # fifth of the schedule) already turned 26 % of v3's small circles square: its low-noise steps
+    # are imprecise. (0.35 for 2,000 steps from v3 did not help: model card.)
     detail_fraction: float = 0.0
     detail_max_t: int = 300
     # Extra loss weight on latent cells that hold object pixels (by the evaluator's rule). A small
@@ -447,8 +448,9 @@ def train_diffusion(
 
 def periodic_evaluator(config: DiffusionConfig, vae_run: Path, latents_dir: Path, run_dir: Path, *, cases=None):
     """An `evaluate` callback for train_diffusion: the EMA weights, as the stock diffusers pipeline
-    they will be shipped as (with its default steps, CFG and guidance rescale), scored by the evaluator on a fixed prompt set; one row per call in
-    run_dir/eval.csv (step, training minutes, adherence and attributes per group)."""
+    they will be shipped as (with its default steps, CFG and guidance rescale), scored by the
+    evaluator on a fixed prompt set; one row per call in run_dir/eval.csv (step, training minutes,
+    CFG, adherence and attributes per group)."""
     import csv
 
     from malerei.train.evaluate import diffusers_generate_fn, run_eval
@@ -478,8 +480,10 @@ def periodic_evaluator(config: DiffusionConfig, vae_run: Path, latents_dir: Path
         for group, values in report["summary"].items():
             row.update({f"{group}_{k}": round(v, 4) for k, v in values.items() if k != "n"})
         new = not path.exists()
+        # a run resumed under a newer version keeps its file's columns (older files have no cfg)
+        fields = list(row) if new else next(csv.reader(path.open()))
         with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)

@@ -106,6 +106,17 @@ def test_periodic_evaluation_writes_adherence_against_training_time(shards, tmp_
         assert 0.0 <= float(rows[-1][name]) <= 1.0
     # The minutes are training time: the evaluation's own time is not counted.
     assert load_checkpoint(tmp_path / "unet" / "checkpoint.pt")["seconds"] / 60 >= float(rows[-1]["minutes"]) - 0.006  # rounded to 2 places
+    from malerei.train.export import MODEL_DEFAULTS
+
+    assert {float(r["cfg"]) for r in rows} == {MODEL_DEFAULTS["cfg_scale"]}  # evaluated as it ships
+    # a file written before the cfg column keeps its columns when the run goes on
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "eval.csv").write_text("step,minutes,seen_adherence\n2,0.1,0.5\n")
+    again = periodic_evaluator(config, tmp_path / "vae", tmp_path / "latents", old, cases=cases)
+    train_diffusion(replace(config, steps=2), tmp_path / "latents", old, evaluate=again)
+    assert (old / "eval.csv").read_text().splitlines()[0] == "step,minutes,seen_adherence"
+    assert len(list(csv.DictReader((old / "eval.csv").open()))) == 2
 
 
 def test_norms_keep_flat_colour():
