@@ -473,15 +473,17 @@ def periodic_evaluator(config: DiffusionConfig, vae_run: Path, latents_dir: Path
         pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, config, scale)
         pipe.set_progress_bar_config(disable=True)
         # at the defaults the model ships with, so the curve measures what users get
-        generate = diffusers_generate_fn(pipe, steps=MODEL_DEFAULTS["steps"], cfg=MODEL_DEFAULTS["cfg_scale"],
-                                         guidance_rescale=MODEL_DEFAULTS["guidance_rescale"])
-        report, _ = run_eval(generate, cases, batch_size=40)
+        report, _ = run_eval(diffusers_generate_fn(pipe), cases, batch_size=40)
         row = {"step": step, "minutes": round(minutes, 2), "cfg": MODEL_DEFAULTS["cfg_scale"]}
         for group, values in report["summary"].items():
             row.update({f"{group}_{k}": round(v, 4) for k, v in values.items() if k != "n"})
         new = not path.exists()
         # a run resumed under a newer version keeps its file's columns (older files have no cfg)
-        fields = list(row) if new else next(csv.reader(path.open()))
+        if new:
+            fields = list(row)
+        else:
+            with path.open(newline="") as f:
+                fields = next(csv.reader(f))
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:

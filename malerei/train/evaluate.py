@@ -43,9 +43,17 @@ def run_eval(generate: GenerateFn, cases: Sequence[EvalCase], *, batch_size: int
     return score(cases, images), images
 
 
-def diffusers_generate_fn(pipe, *, steps: int = 20, cfg: float = 5.0, guidance_rescale: float = 0.7) -> GenerateFn:
-    """Generate with a stock diffusers StableDiffusionPipeline (used during training)."""
+def diffusers_generate_fn(pipe, *, steps: int | None = None, cfg: float | None = None,
+                          guidance_rescale: float | None = None) -> GenerateFn:
+    """Generate with a stock diffusers StableDiffusionPipeline (used during training); by default
+    with the steps, CFG and guidance rescale the exported model ships with."""
     import torch
+
+    from malerei.train.export import MODEL_DEFAULTS
+
+    steps = MODEL_DEFAULTS["steps"] if steps is None else steps
+    cfg = MODEL_DEFAULTS["cfg_scale"] if cfg is None else cfg
+    guidance_rescale = MODEL_DEFAULTS["guidance_rescale"] if guidance_rescale is None else guidance_rescale
 
     def generate(captions: list[str], seeds: list[int]) -> list[np.ndarray]:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
