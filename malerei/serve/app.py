@@ -106,7 +106,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, services: Se
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker = None
+        worker = feed = None
+        if services.db.is_postgresql:
+            from malerei.serve.jobs.changes import PostgresChangeFeed
+
+            feed = PostgresChangeFeed(services.db.url, services.changes).start()
         if settings.in_process_worker:
             from malerei.serve.jobs.worker import Worker
 
@@ -118,6 +122,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, services: Se
         finally:
             if worker is not None:
                 worker.stop()
+            if feed is not None:
+                feed.stop()
 
     app = FastAPI(title="malerei", version="1", lifespan=lifespan,
                   description="A DreamStudio of your own: native jobs API, gallery, accounts and credits, "

@@ -163,6 +163,24 @@ def test_job_changes_wake_a_listening_stream_from_another_thread():
     changes.changed()  # no listener left: nothing to wake, no error
 
 
+def test_a_stream_of_one_job_is_woken_by_that_job_only():
+    import asyncio
+
+    from malerei.serve.jobs.changes import JobChanges
+
+    changes = JobChanges()
+
+    async def scenario() -> list[bool]:
+        with changes.listen("job_a") as listener:
+            heard = []
+            for ids in (["job_b", "job_c"], ["job_c", "job_a"], None, []):
+                changes.changed(ids)
+                heard.append(await listener.wait(0.05))
+            return heard
+
+    assert asyncio.run(scenario()) == [False, True, True, False]
+
+
 def test_the_worker_runs_models_in_the_configured_precision(tmp_path, tiny_models_dir):
     """`--set dtype=bf16` reaches the engine: the worker's model is loaded in bf16 and a batch of
     jobs still gives each its image; an unknown precision is refused when the server starts."""

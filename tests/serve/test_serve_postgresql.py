@@ -116,3 +116,80 @@ def test_each_webhook_is_claimed_by_one_sender(pg_cluster, tmp_path):
     assert sorted(sent) == [f"job_{i}" for i in range(6)], sent  # each once
     assert sum(counts) == 6
     services.db.dispose()
+
+
+def test_workers_elsewhere_wake_event_streams_through_notify(pg_cluster, tmp_path):
+    """A worker in another process (here: another Database) changes a job; the API server's
+    PostgresChangeFeed hears the job's id at commit, not a rolled-back change, and hears again
+    after its connection was killed."""
+    import queue
+
+    from sqlalchemy import text
+
+    from malerei.serve.accounts.users import create_user
+    from malerei.serve.db.models import Job
+    from malerei.serve.jobs.changes import JobChanges, PostgresChangeFeed, announce
+    from malerei.serve.jobs.queue import SqlJobQueue
+
+    class Heard(JobChanges):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heard: queue.Queue = queue.Queue()
+
+        def changed(self, job_ids=None) -> None:  # noqa: ANN001 - JobChanges' signature
+            self.heard.put(None if job_ids is None else sorted(job_ids))
+            super().changed(job_ids)
+
+        def next(self, timeout: float = 5.0):  # noqa: ANN201
+            return self.heard.get(timeout=timeout)
+
+        def quiet(self, wait_s: float = 0.5) -> bool:
+            time.sleep(wait_s)
+            return self.heard.empty()
+
+    url = pg_cluster.create_database()
+    services = build_services(Settings(data_dir=tmp_path, database_url=url))
+    worker_db = Database(services.db.url)  # the worker's own pool, as in a `malerei worker` process
+    with worker_db.write() as s:
+        user = create_user(s, "streamer")
+        for name in ("job_x", "job_y"):
+            s.add(Job(id=name, user_id=user.id, kind="txt2img", model="m", params={}, batch_key="k",
+                      n_images=1, cost=1, status="queued", attempts=0, cancel_requested=False,
+                      created_at=time.time(), progress_step=0, progress_total=4))
+    changes = Heard()
+    feed = PostgresChangeFeed(services.db.url, changes, timeout_s=0.1).start()
+    try:
+        assert feed.listening and changes.quiet(0.2)
+        worker = SqlJobQueue(worker_db)
+        claimed = worker.claim("w1", max_jobs=4, lease_s=60)
+        assert [j.id for j in claimed] == ["job_x", "job_y"]
+        assert changes.next() == ["job_x", "job_y"]
+        worker.report_progress("w1", ["job_y"], 2, 4, None)
+        assert changes.next() == ["job_y"]
+        try:
+            with worker_db.write() as s:
+                announce(s, ["job_x"])
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+        assert changes.quiet()  # a rolled-back change is never announced
+        with services.db.read() as s:  # the server kills the feed's connection
+            s.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"))
+        assert changes.next() is None  # connection lost: every stream is told to read again
+        deadline = time.time() + 10
+        while not feed.listening and time.time() < deadline:
+            time.sleep(0.05)
+        assert feed.listening
+        assert worker.fail("w1", "job_x", "engine_error", "boom")
+        assert changes.next() == ["job_x"]
+        many = [f"job_{i:040d}" for i in range(400)]  # over NOTIFY's 8000-byte payload: split
+        with worker_db.write() as s:
+            announce(s, many)
+        heard = changes.next() + changes.next() + changes.next()
+        assert sorted(heard) == many
+    finally:
+        feed.stop()
+        worker_db.dispose()
+        services.db.dispose()
+    assert not feed.listening

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from malerei.serve import credits
 from malerei.serve.db.models import Image, Job
+from malerei.serve.jobs.changes import announce
 from malerei.serve.db.session import Database
 
 ACTIVE = ("queued", "running")
@@ -67,6 +68,7 @@ class JobQueue(Protocol):
 def finish(session: Session, job: Job, status: str, *, code: str | None = None, message: str | None = None) -> None:
     """Move ``job`` to a terminal state; refund unless it succeeded; schedule its webhook."""
     now = time.time()
+    announce(session, [job.id])
     job.status = status
     job.finished_at = now
     job.lease_owner = None
@@ -94,6 +96,7 @@ def settle_dead(session: Session, job: Job, *, max_attempts: int) -> None:
         job.lease_owner = None
         job.lease_expires_at = None
         job.progress_step = 0
+        announce(session, [job.id])
 
 
 COMPANY_WAIT_WINDOWS = 4
@@ -131,6 +134,7 @@ def mark_running(session: Session, job_ids: Sequence[str], worker_id: str, lease
                                              Job.status == "running").order_by(Job.created_at, Job.id)).all()
     for job in jobs:
         session.expunge(job)
+    announce(session, [job.id for job in jobs])
     return list(jobs)
 
 
@@ -212,6 +216,7 @@ class SqlJobQueue:
         with self.db.write() as s:
             s.execute(update(Job).where(Job.id.in_(job_ids), Job.lease_owner == worker_id, Job.status == "running")
                       .values(**values))
+            announce(s, job_ids)
 
     def _held(self, s: Session, worker_id: str, job_id: str) -> Job | None:
         job = s.get(Job, job_id, with_for_update=True)
@@ -269,4 +274,5 @@ class SqlJobQueue:
             job.lease_expires_at = None
             job.attempts = max(0, job.attempts - 1)
             job.progress_step = 0
+            announce(s, [job_id])
             return True

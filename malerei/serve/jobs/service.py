@@ -23,6 +23,7 @@ from malerei.serve.context import Services
 from malerei.serve.db.models import IdempotencyKey, Image, Job, User
 from malerei.serve.errors import ApiError
 from malerei.serve.jobs.batching import batch_key
+from malerei.serve.jobs.changes import announce
 from malerei.serve.jobs.queue import ACTIVE, finish
 from malerei.serve.jobs.spec import DIFFUSION_KINDS, IMAGE_FIELDS, Outpaint
 from malerei.serve.ratelimit import retry_after_header
@@ -226,9 +227,10 @@ def cancel(services: Services, job_id: str) -> Job:
             finish(session, job, "cancelled", code="cancelled", message="cancelled by the user")
         elif job.status == "running":
             job.cancel_requested = True
+            announce(session, [job.id])  # other servers' streams of this job read it again
         session.flush()
         session.expunge(job)
-    services.changes.changed()  # its event streams hear of it now (committed above)
+    services.changes.changed([job.id])  # its event streams here hear of it now (committed above)
     return job
 
 

@@ -157,7 +157,7 @@ class Worker:
             if want_preview:
                 last_preview = now
             queue.report_progress(self.worker_id, ids, step, total, _preview_png(preview) if want_preview else None)
-            self.services.changes.changed()
+            self.services.changes.changed(ids)
 
         def is_cancelled() -> bool:
             return bool(queue.cancel_requested(ids))
@@ -172,7 +172,7 @@ class Worker:
                     queue.cancel_running(self.worker_id, job_id)
                 else:
                     queue.release(self.worker_id, job_id)
-            self.services.changes.changed()
+            self.services.changes.changed(ids)
             return
         except MalereiError as exc:
             results = [EngineResult(job_id=i, error_code="invalid_parameter", error_message=str(exc)) for i in ids]
@@ -185,7 +185,7 @@ class Worker:
             result = by_id.get(job_id) or EngineResult(job_id=job_id, error_code="engine_error",
                                                        error_message="the engine returned no result for this job")
             self._store(result)
-            self.services.changes.changed()  # each client hears at once, so it can submit again soon
+            self.services.changes.changed([job_id])  # each client hears at once, so it can submit again soon
 
     def _store(self, result: EngineResult) -> None:
         queue = self.services.queue

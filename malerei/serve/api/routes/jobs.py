@@ -87,12 +87,14 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
                                   .where(Job.id == job.id)).one()
             return row.status, row.progress_step, row.progress_total, row.preview_png
 
-    # With a worker in this process a change wakes the stream at once (JobChanges); workers
-    # elsewhere are seen by polling.
-    poll_s = 1.0 if services.settings.in_process_worker else 0.1
+    # A change wakes the stream at once (JobChanges) when this process's worker made it or, on
+    # PostgreSQL, any worker did (NOTIFY); the slow poll is only a safety net. SQLite has no
+    # signal from workers in other processes, so a server without its own worker polls fast.
+    woken = services.settings.in_process_worker or services.db.is_postgresql
+    poll_s = 1.0 if woken else 0.1
 
     async def stream() -> AsyncIterator[str]:
-        with services.changes.listen() as changes:
+        with services.changes.listen(job.id) as changes:
             async for event in events(changes):
                 yield event
 
