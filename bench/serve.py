@@ -9,6 +9,11 @@ many clients; each client submits a txt2img job (``POST /v1/jobs``), follows its
 events (``GET /v1/jobs/{id}/events``) to the end, and repeats. Reports images/s over the whole
 run and p50/p95 of submit-to-result latency; the goal is that 8 clients get at least 3x the
 images per second of 1, which only batching compatible jobs into one UNet call achieves.
+
+The levels run ``--rounds`` times interleaved (1, 8, 1, 8, ...), so a slow minute of a shared
+machine touches both sides of a ratio; the summary gives medians. Last, the engine alone (no
+HTTP, no database) generates 1 and 8 images per call on the same cores: its ratio is the most
+that batching can give the service on this machine and model.
 """
 
 from __future__ import annotations
@@ -143,6 +148,42 @@ def run_level(url: str, key: str, clients: int, requests: int, body: dict) -> di
             "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
 
 
+ENGINE_CEILING = """
+import json, sys, time
+from pathlib import Path
+from malerei.engine.batch import generate_many
+from malerei.engine.loading import load_model
+from malerei.engine.pipeline import GenerationParams
+a = json.loads(sys.argv[1])
+model = load_model(a["model"], models_dir=a["models_dir"] and Path(a["models_dir"]), dtype=a["dtype"])
+def per_image(n):
+    ps = [GenerationParams(prompt="a red circle", seed=i, width=a["width"], height=a["height"], steps=a["steps"])
+          for i in range(n)]
+    generate_many(model, ps, preview_every=0)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        generate_many(model, ps, preview_every=0)
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+print(json.dumps({str(n): per_image(n) for n in a["levels"]}))
+"""
+
+
+def engine_ceiling(args: argparse.Namespace, levels: list[int]) -> dict[int, float]:
+    """Seconds per image when the engine alone generates ``n`` images per call (no HTTP, no
+    database), on the same cores, threads and precision as the server: the most that batching
+    can give the service."""
+    spec = {"model": args.model, "models_dir": str(args.models_dir) if args.models_dir else None,
+            "dtype": args.dtype, "width": args.width, "height": args.height, "steps": args.steps, "levels": levels}
+    cmd = [sys.executable, "-c", ENGINE_CEILING, json.dumps(spec)]
+    if shutil.which("taskset") and args.cores:
+        cmd = ["taskset", "-c", args.cores, *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def batch_sizes(log: Path, start: int) -> float:
     """Mean jobs per worker batch (one UNet call) in the server log from byte `start` on."""
     with open(log, "rb") as handle:
@@ -166,32 +207,53 @@ def main() -> int:
                         help="torch/OpenMP threads; 1 avoids oversubscribing 2 cores shared with the API threads")
     parser.add_argument("--batch-max", type=int, default=8)
     parser.add_argument("--dtype", default=None, help="the worker's precision (fp32, bf16; default: the engine's)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run the levels this many times, interleaved (1, 8, 1, 8, ...): the machine's "
+                             "drift then touches every level alike; the summary takes medians")
+    parser.add_argument("--no-engine", action="store_true", help="skip the engine-alone ceiling")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
 
     data_dir = Path(tempfile.mkdtemp(prefix="malerei-bench-"))
     key = make_key(data_dir)
     proc, url = start_server(data_dir, args, args.cores)
     body = {"prompt": "a red circle", "width": args.width, "height": args.height, "steps": args.steps}
+    results = []
     try:
         with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as client:
             one_job(client, body)  # warm-up: model load, first-call costs
-        results = []
-        for level in args.levels.split(","):
-            log_from = (data_dir / "server.log").stat().st_size
-            results.append(run_level(url, key, int(level), args.requests, body))
-            results[-1]["jobs_per_unet_call"] = batch_sizes(data_dir / "server.log", log_from)
+        for round_ in range(1, args.rounds + 1):
+            for level in levels:
+                log_from = (data_dir / "server.log").stat().st_size
+                results.append({"round": round_, **run_level(url, key, level, args.requests, body)})
+                results[-1]["jobs_per_unet_call"] = batch_sizes(data_dir / "server.log", log_from)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    print(f"{'clients':>7} {'jobs':>5} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'jobs per UNet call':>19}")
+    ceiling = {} if args.no_engine else engine_ceiling(args, levels)
+
+    print(f"{'round':>5} {'clients':>7} {'jobs':>5} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'jobs per UNet call':>19}")
     for r in results:
-        print(f"{r['clients']:>7} {r['jobs']:>5} {r['images_per_s']:>9.3f} {r['p50_s']:>7.2f} {r['p95_s']:>7.2f} "
-              f"{r['jobs_per_unet_call']:>19.2f}")
-    if len(results) > 1:
-        print(f"speed-up {results[-1]['clients']} vs {results[0]['clients']} clients: "
-              f"{results[-1]['images_per_s'] / results[0]['images_per_s']:.2f}x")
-    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        print(f"{r['round']:>5} {r['clients']:>7} {r['jobs']:>5} {r['images_per_s']:>9.3f} {r['p50_s']:>7.2f} "
+              f"{r['p95_s']:>7.2f} {r['jobs_per_unet_call']:>19.2f}")
+    base, top = levels[0], levels[-1]
+    rate = {(r["round"], r["clients"]): r["images_per_s"] for r in results}
+    ratios = [rate[(k, top)] / rate[(k, base)] for k in range(1, args.rounds + 1)]
+    median_rate = {level: statistics.median(rate[(k, level)] for k in range(1, args.rounds + 1)) for level in levels}
+    summary_rows = [(f"service, {level} client{'s' * (level > 1)} (median)", median_rate[level]) for level in levels]
+    if ceiling:
+        summary_rows += [(f"engine alone, {level} per call", 1 / ceiling[level]) for level in levels]
+    print(f"\n{'':<28} {'images/s':>9}")
+    for name, value in summary_rows:
+        print(f"{name:<28} {value:>9.3f}")
+    if len(levels) > 1:
+        # the ratio within each round (its two levels measured minutes apart) is the robust figure
+        print(f"speed-up {top} vs {base} clients per round: {', '.join(f'{x:.2f}x' for x in ratios)}; "
+              f"median {statistics.median(ratios):.2f}x"
+              + (f" (engine alone: {ceiling[base] / ceiling[top]:.2f}x)" if ceiling else ""))
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
+               "ratios": ratios, "engine_s_per_image": ceiling}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     shutil.rmtree(data_dir, ignore_errors=True)
