@@ -6,12 +6,14 @@ import base64
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 
 from PIL import Image
 
-from serving import wait_job
+from serving import Server, WorkerProcess, make_account, model_args, wait_job
 
 TINY = {"width": 64, "height": 64, "steps": 4}
 
@@ -38,13 +40,10 @@ def test_txt2img_job_runs_and_stores_an_image_with_metadata(deployed):
     assert after == before - job["cost"]
 
 
-def test_events_stream_progress_and_done(deployed):
-    server, client, accounts = deployed
-    alice = accounts["alice"]
-    job = client.post("/v1/jobs", json={"prompt": "a blue square", "width": 256, "height": 256, "steps": 12},
-                      headers=alice.headers).json()
+def read_events(client, job_id: str, headers: dict) -> list[tuple[str, dict]]:
+    """A job's server-sent events, (name, data) each, until the stream ends."""
     events = []
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=alice.headers) as stream:
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         name = None
         for line in stream.iter_lines():
@@ -52,6 +51,15 @@ def test_events_stream_progress_and_done(deployed):
                 name = line[7:]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_events_stream_progress_and_done(deployed):
+    server, client, accounts = deployed
+    alice = accounts["alice"]
+    job = client.post("/v1/jobs", json={"prompt": "a blue square", "width": 256, "height": 256, "steps": 12},
+                      headers=alice.headers).json()
+    events = read_events(client, job["id"], alice.headers)
     names = [n for n, _ in events]
     assert names[-1] == "done" and events[-1][1]["status"] == "succeeded"
     assert "state" in names
@@ -61,6 +69,43 @@ def test_events_stream_progress_and_done(deployed):
     assert previews and previews[0].startswith("data:image/png;base64,")
     image = Image.open(io.BytesIO(base64.b64decode(previews[0].split(",", 1)[1])))
     assert max(image.size) <= 64  # low resolution
+
+
+def test_streams_follow_jobs_that_another_worker_process_runs_on_sqlite(tmp_path, serve_models_dir):
+    """An embedded server (SQLite, its own worker) plus a `malerei worker` process: SQLite tells
+    the server nothing when that process writes, so the stream of a job it runs must poll fast
+    enough to show progress (jobs of the tiny model last well under a second)."""
+    alice = make_account(tmp_path, "alice")
+    server = Server(data_dir=tmp_path, args=[*model_args(serve_models_dir),
+                                             "--set", "rate_limit_per_minute=6000"]).start()
+    worker = WorkerProcess(tmp_path, serve_models_dir, 0)
+    try:
+        worker.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            def follow(size: int) -> tuple[str, list]:
+                job = client.post("/v1/jobs", json={"prompt": "a red circle", "width": size, "height": size,
+                                                    "steps": 12}, headers=alice.headers).json()
+                return job["id"], read_events(client, job["id"], alice.headers)
+
+            elsewhere = []
+            for _ in range(6):  # until the other process has run some of them
+                with ThreadPoolExecutor(4) as pool:  # four sizes: four batches, two claimers
+                    followed = list(pool.map(follow, (128, 160, 192, 224)))
+                log = worker.log.read_text(errors="replace")
+                for job_id, events in followed:
+                    assert events[-1][0] == "done" and events[-1][1]["status"] == "succeeded"
+                    steps = [d["step"] for n, d in events if n == "progress"]
+                    assert steps == sorted(steps), (job_id, events)
+                    if job_id in log:
+                        elsewhere.append(job_id)
+                        # polled once a second (as before) such a job showed one progress event
+                        assert len(steps) >= 3, (job_id, steps)
+                if elsewhere:
+                    break
+            assert elsewhere, "the worker process never ran a job"
+    finally:
+        worker.stop()
+        server.stop()
 
 
 def test_gallery_search_download_delete(served):

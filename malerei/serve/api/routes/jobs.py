@@ -81,17 +81,23 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
     """Server-sent events: ``state`` on every change of state, ``progress`` with step, total and a
     low-resolution ``preview`` (PNG data URL) while running, and a final ``done`` with the job."""
 
-    def snapshot() -> tuple[str, int, int, bytes | None]:
+    def snapshot() -> tuple[str, int, int, bytes | None, str | None]:
         with services.db.read() as session:
-            row = session.execute(select(Job.status, Job.progress_step, Job.progress_total, Job.preview_png)
-                                  .where(Job.id == job.id)).one()
-            return row.status, row.progress_step, row.progress_total, row.preview_png
+            row = session.execute(select(Job.status, Job.progress_step, Job.progress_total, Job.preview_png,
+                                         Job.lease_owner).where(Job.id == job.id)).one()
+            return row.status, row.progress_step, row.progress_total, row.preview_png, row.lease_owner
 
     # A change wakes the stream at once (JobChanges) when this process's worker made it or, on
-    # PostgreSQL, any worker did (NOTIFY); the slow poll is only a safety net. SQLite has no
-    # signal from workers in other processes, so a server without its own worker polls fast.
-    woken = services.settings.in_process_worker or services.db.is_postgresql
-    poll_s = 1.0 if woken else 0.1
+    # PostgreSQL, when any worker did (NOTIFY); then the poll is only a safety net. SQLite has no
+    # signal from workers in other processes (`malerei worker` beside an embedded server): a job
+    # one of them runs is polled fast, a queued one (whoever will claim it) every half second.
+    local_worker = getattr(request.app.state, "worker", None)
+    local_id = local_worker.worker_id if local_worker is not None else None
+
+    def poll_s(status: str, owner: str | None) -> float:
+        if services.db.is_postgresql or (status == "running" and owner is not None and owner == local_id):
+            return 1.0
+        return 0.1 if status == "running" else 0.5
 
     async def stream() -> AsyncIterator[str]:
         with services.changes.listen(job.id) as changes:
@@ -102,7 +108,7 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
         last: tuple[Any, ...] = (None, -1, None)
         started = time.monotonic()
         while True:
-            status, step, total, preview = await run_in_threadpool(snapshot)
+            status, step, total, preview, owner = await run_in_threadpool(snapshot)
             if status != last[0]:
                 yield _event("state", {"status": status})
             if (step, preview) != (last[1], last[2]) and status == "running":
@@ -119,7 +125,7 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
             if time.monotonic() - started >= 10:
                 started = time.monotonic()
                 yield ": keep-alive\n\n"
-            await changes.wait(poll_s)
+            await changes.wait(poll_s(status, owner))
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
