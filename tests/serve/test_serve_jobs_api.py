@@ -57,7 +57,7 @@ def read_events(client, job_id: str, headers: dict) -> list[tuple[str, dict]]:
 def test_events_stream_progress_and_done(deployed):
     server, client, accounts = deployed
     alice = accounts["alice"]
-    job = client.post("/v1/jobs", json={"prompt": "a blue square", "width": 256, "height": 256, "steps": 12},
+    job = client.post("/v1/jobs", json={"prompt": "a blue square", "width": 256, "height": 256, "steps": 30},
                       headers=alice.headers).json()
     events = read_events(client, job["id"], alice.headers)
     names = [n for n, _ in events]
