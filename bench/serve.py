@@ -46,7 +46,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, args: argparse.Namespace, cores: str) -> tuple[subprocess.Popen, str]:
+def pinned(cmd: list[str], args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """``cmd`` on ``--cores`` (taskset, where there is one) and its environment with ``--threads``."""
+    if shutil.which("taskset") and args.cores:
+        cmd = ["taskset", "-c", args.cores, *cmd]
+    return cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+
+
+def start_server(data_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-c", LAUNCH, "serve", "--port", str(port), "--data-dir", str(data_dir),
            "--set", "rate_limit_per_minute=0", "--set", f"batch_max={args.batch_max}"]
@@ -56,9 +63,7 @@ def start_server(data_dir: Path, args: argparse.Namespace, cores: str) -> tuple[
         cmd += ["--models-dir", str(args.models_dir)]
     if args.model:
         cmd += ["--default-model", args.model]
-    if shutil.which("taskset") and cores:
-        cmd = ["taskset", "-c", cores, *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    cmd, env = pinned(cmd, args)
     log = open(data_dir / "server.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -176,10 +181,7 @@ def engine_ceiling(args: argparse.Namespace, levels: list[int]) -> dict[int, flo
     can give the service."""
     spec = {"model": args.model, "models_dir": str(args.models_dir) if args.models_dir else None,
             "dtype": args.dtype, "width": args.width, "height": args.height, "steps": args.steps, "levels": levels}
-    cmd = [sys.executable, "-c", ENGINE_CEILING, json.dumps(spec)]
-    if shutil.which("taskset") and args.cores:
-        cmd = ["taskset", "-c", args.cores, *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    cmd, env = pinned([sys.executable, "-c", ENGINE_CEILING, json.dumps(spec)], args)
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -217,7 +219,7 @@ def main() -> int:
 
     data_dir = Path(tempfile.mkdtemp(prefix="malerei-bench-"))
     key = make_key(data_dir)
-    proc, url = start_server(data_dir, args, args.cores)
+    proc, url = start_server(data_dir, args)
     body = {"prompt": "a red circle", "width": args.width, "height": args.height, "steps": args.steps}
     results = []
     try:

@@ -86,14 +86,16 @@ def announce(session: Session, job_ids: Sequence[str]) -> None:
     transaction commits (a rolled-back change is never announced). Nothing on other databases."""
     if not job_ids or session.get_bind().dialect.name != "postgresql":
         return
-    chunk: list[str] = []
-    for job_id in [*job_ids, None]:
-        if chunk and (job_id is None or sum(len(i) + 1 for i in chunk) + len(job_id) > _PAYLOAD_LIMIT):
-            session.execute(text("SELECT pg_notify(:channel, :payload)"),
-                            {"channel": CHANNEL, "payload": ",".join(chunk)})
-            chunk = []
-        if job_id is not None:
-            chunk.append(job_id)
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for job_id in job_ids:
+        if size + len(job_id) + 1 > _PAYLOAD_LIMIT:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(job_id)
+        size += len(job_id) + 1
+    for chunk in chunks:
+        session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": ",".join(chunk)})
 
 
 class PostgresChangeFeed:

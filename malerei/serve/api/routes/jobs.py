@@ -95,7 +95,7 @@ async def job_events(request: Request, services: ServicesDep, job: OwnedJob) -> 
     local_id = local_worker.worker_id if local_worker is not None else None
 
     def poll_s(status: str, owner: str | None) -> float:
-        if services.db.is_postgresql or (status == "running" and owner is not None and owner == local_id):
+        if services.db.is_postgresql or (status == "running" and local_id is not None and owner == local_id):
             return 1.0
         return 0.1 if status == "running" else 0.5
 
